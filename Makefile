@@ -1,0 +1,50 @@
+# vitops — `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Offline-safe defaults: without them libraries wait on hosts this machine cannot reach.
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export DO_NOT_TRACK ?= true
+export DVC_NO_ANALYTICS ?= 1
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export HF_HUB_DISABLE_TELEMETRY ?= 1
+export GX_ANALYTICS_ENABLED ?= false
+
+SAMPLE_DIR ?= build/sample-digits
+
+.PHONY: help setup run test lint format bench-validate bench-train bench-latency clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP) ## create .venv and install vitops with its pinned dependencies
+
+run: $(STAMP) ## the main job on embedded defaults: sample data -> DVC version -> validate -> pipeline
+	$(BIN)/vitops data sample $(SAMPLE_DIR)
+	$(BIN)/vitops data import $(SAMPLE_DIR)
+	$(BIN)/dvc repro
+
+test: $(STAMP) ## run the test suite (offline, starts its own MLflow server)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+lint: $(STAMP) ## ruff check and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP) ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench-validate: $(STAMP) ## validation throughput against a plain Pillow decode loop
+	$(BIN)/python bench/validate_throughput.py
+
+clean: ## remove build outputs (keeps .venv, data and the DVC cache)
+	rm -rf build artifacts .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Dataset scanning into a manifest, Great Expectations suites and validation reports."""

@@ -1,0 +1,1 @@
+"""ONNX export, TensorRT and ONNX Runtime engines, latency benchmarks and the KPI gate."""

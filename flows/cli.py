@@ -1,0 +1,58 @@
+"""The `vitops` command line: one subcommand per pipeline stage.
+
+Run `vitops --help`. Every command reads `params.yaml` (or `--params FILE`); the flags a command offers
+override single values from it. Each command group lives in its own module and registers itself here:
+`data_commands` (sample, import, validate), `train_commands` (pretrain-standin, train, evaluate) and
+`engine_commands` (export, build, bench).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from flows import data_commands, engine_commands, train_commands
+from flows.config import DEFAULT_PARAMS, ParamsError, load_params
+
+_GROUPS = (data_commands, train_commands, engine_commands)
+# Errors a user can fix: printed as one message without a traceback, exit code 2. Each command group
+# names the error classes of the core functions it calls in USER_ERRORS.
+_USER_ERRORS: tuple[type[BaseException], ...] = (ParamsError, FileNotFoundError, NotADirectoryError) + tuple(
+    err for group in _GROUPS for err in group.USER_ERRORS
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(prog="vitops", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="parameter file (default: params.yaml)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in _GROUPS:
+        group.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `vitops` console script; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        params = load_params(args.params)
+        return int(args.handler(args, params) or 0)
+    except _USER_ERRORS as err:
+        print(f"vitops {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vitops {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""Typed parameters: `params.yaml` (grouped by stage) validated into one `Params` object.
+
+`params.yaml` is the single parameter file: DVC stages read it for their `params:` dependencies and every
+`vitops` command loads it through `load_params`. Values not given in the file take the defaults written
+here. A bad value fails with an error that names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ParamsError(ValueError):
+    """A parameter file that cannot be used; the message names the file, key, value and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class SplitParams(_Section):
+    """Fractions for the deterministic, content-hash based split of a folder that is not pre-split."""
+
+    train: float = Field(0.8, ge=0.0, le=1.0)
+    val: float = Field(0.1, ge=0.0, le=1.0)
+    test: float = Field(0.1, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitParams:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must sum to 1.0, got {total:g}")
+        return self
+
+
+class DataParams(_Section):
+    """Where the DVC-tracked images live and where their versions are pushed."""
+
+    raw_dir: Path = Path("data/raw")
+    remote: str = "~/.cache/vitops/dvc-remote"
+    remote_name: str = "vitops"
+    classes: list[str] = Field(default_factory=list)
+    split: SplitParams = Field(default_factory=SplitParams)
+
+    @field_validator("classes")
+    @classmethod
+    def _unique_classes(cls, value: list[str]) -> list[str]:
+        dupes = sorted({c for c in value if value.count(c) > 1})
+        if dupes:
+            raise ValueError(f"class names must be unique, repeated: {dupes}")
+        return value
+
+
+class ValidateParams(_Section):
+    """Thresholds of the Great Expectations gate."""
+
+    manifest: Path = Path("artifacts/manifest.csv")
+    report: Path = Path("artifacts/validation/report.json")
+    min_width: int = Field(16, ge=1)
+    min_height: int = Field(16, ge=1)
+    min_images_per_class: int = Field(5, ge=1)
+    max_imbalance_ratio: float = Field(10.0, ge=1.0)
+    reference_manifest: Path | None = None
+    drift_kl_threshold: float = Field(0.1, gt=0.0)
+    workers: int = Field(0, ge=0, description="scanner processes; 0 = one per CPU core")
+
+
+class PretrainParams(_Section):
+    """The offline quickstart's stand-in for public pretrained weights (see README)."""
+
+    model: str = "vit_tiny_patch16_224"
+    img_size: int = Field(32, ge=8)
+    patch_size: int = Field(4, ge=1)
+    depth: int = Field(6, ge=1)
+    images: int = Field(12000, ge=100)
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    seed: int = 0
+    out: Path = Path("artifacts/standin/vit_tiny_chars.safetensors")
+
+
+class TrainParams(_Section):
+    """Fine-tuning recipe; defaults suit small fine-tuning sets."""
+
+    model: str = "vit_tiny_patch16_224"
+    source: str = "file:artifacts/standin/vit_tiny_chars.safetensors"
+    img_size: int = Field(32, ge=8)
+    patch_size: int | None = Field(4, ge=1)
+    depth: int | None = Field(6, ge=1)
+    epochs: int = Field(15, ge=1)
+    batch_size: int = Field(64, ge=1)
+    accum_steps: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    layer_decay: float = Field(0.75, gt=0.0, le=1.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    warmup_epochs: float = Field(1.0, ge=0.0)
+    min_lr: float = Field(1e-6, ge=0.0)
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    mixup: float = Field(0.0, ge=0.0)
+    cutmix: float = Field(0.0, ge=0.0)
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="0 turns EMA off")
+    class_balance: Literal["none", "loss", "sampler"] = "loss"
+    patience: int = Field(5, ge=0, description="epochs without val improvement before stopping; 0 = off")
+    seed: int = 0
+    amp: Literal["auto", "bf16", "off"] = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    workers: int = Field(2, ge=0)
+    out_dir: Path = Path("artifacts/train/vit")
+
+
+class BaselineParams(_Section):
+    """The CNN baseline trained through the same data and pipeline; uplift is measured against it."""
+
+    model: str = "resnet18"
+    source: str = "scratch"
+    epochs: int = Field(15, ge=1)
+    lr: float = Field(2e-3, gt=0.0)
+    out_dir: Path = Path("artifacts/train/baseline")
+
+
+class EvaluateParams(_Section):
+    """Held-out evaluation."""
+
+    out_dir: Path = Path("artifacts/eval")
+    ece_bins: int = Field(15, ge=2)
+
+
+class ExportParams(_Section):
+    """ONNX export and its parity gate against PyTorch on the validation split."""
+
+    out: Path = Path("artifacts/engines/model.onnx")
+    opset: int = Field(18, ge=13)
+    dynamo: bool = True
+    max_abs_diff: float = Field(1e-3, gt=0.0)
+    min_top1_agreement: float = Field(0.999, ge=0.0, le=1.0)
+
+
+class EngineParams(_Section):
+    """Engine builds per target: TensorRT on NVIDIA GPUs, ONNX Runtime on CPUs."""
+
+    out_dir: Path = Path("artifacts/engines")
+    ort_threads: int = Field(0, ge=0, description="intra-op threads; 0 = one per physical core")
+    ort_quantization: Literal["none", "static", "dynamic"] = "static"
+    calibration_images: int = Field(256, ge=1)
+    min_int8_top1_agreement: float = Field(0.99, ge=0.0, le=1.0)
+    trt_precision: Literal["fp16", "int8", "fp32"] = "fp16"
+    trt_min_batch: int = Field(1, ge=1)
+    trt_opt_batch: int = Field(8, ge=1)
+    trt_max_batch: int = Field(64, ge=1)
+    trt_workspace_gib: float = Field(4.0, gt=0.0)
+    trt_timing_cache: Path = Path("~/.cache/vitops/trt-timing.cache")
+
+    @model_validator(mode="after")
+    def _profile_order(self) -> EngineParams:
+        if not self.trt_min_batch <= self.trt_opt_batch <= self.trt_max_batch:
+            raise ValueError(
+                "optimization profile needs trt_min_batch <= trt_opt_batch <= trt_max_batch, got "
+                f"{self.trt_min_batch}/{self.trt_opt_batch}/{self.trt_max_batch}"
+            )
+        return self
+
+
+class BenchParams(_Section):
+    """Latency benchmark settings; the numbers feed the latency KPI."""
+
+    warmup: int = Field(10, ge=0)
+    iters: int = Field(100, ge=1)
+    large_batch: int = Field(64, ge=1)
+    out: Path = Path("artifacts/bench/latency.json")
+
+
+class TrackingParams(_Section):
+    """MLflow; `MLFLOW_TRACKING_URI` in the environment wins over `uri`."""
+
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "vitops"
+    registered_model: str = "vitops-vit"
+
+
+class Params(_Section):
+    """Every stage's parameters, as read from `params.yaml`."""
+
+    data: DataParams = Field(default_factory=DataParams)
+    validate_: ValidateParams = Field(default_factory=ValidateParams, alias="validate")
+    pretrain: PretrainParams = Field(default_factory=PretrainParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    baseline: BaselineParams = Field(default_factory=BaselineParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    export: ExportParams = Field(default_factory=ExportParams)
+    engine: EngineParams = Field(default_factory=EngineParams)
+    bench: BenchParams = Field(default_factory=BenchParams)
+    tracking: TrackingParams = Field(default_factory=TrackingParams)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
+
+
+def _format_error(source: str, err: ValidationError, raw: dict[str, Any]) -> str:
+    lines = [f"{source}: invalid parameters"]
+    for item in err.errors():
+        loc = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            section = _lookup_model(item["loc"][:-1])
+            allowed = ", ".join(sorted(_aliases(section))) if section else "see params.yaml"
+            lines.append(f"  {loc}: unknown key; allowed keys here: {allowed}")
+            continue
+        value = item.get("input")
+        msg = item["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc}: {value!r} is not allowed: {msg}")
+    return "\n".join(lines)
+
+
+def _aliases(model: type[BaseModel]) -> list[str]:
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _lookup_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Params
+    for part in loc:
+        fields = {f.alias or name: f for name, f in model.model_fields.items()}
+        field = fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def parse_params(raw: dict[str, Any] | None, source: str = "params") -> Params:
+    """Validate a parsed parameter mapping.
+
+    Raises:
+        ParamsError: naming each bad key, its value and what is allowed.
+    """
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of stage names to settings, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_format_error(source, err, raw)) from None
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
+    """Load `params.yaml`; a missing file gives the defaults written in this module.
+
+    Raises:
+        ParamsError: if the file is not YAML or holds values that are not allowed.
+    """
+    path = Path(path)
+    if not path.exists():
+        return Params()
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    return parse_params(raw, source=str(path))
