@@ -1,11 +1,192 @@
-"""`vitops` commands of the data stage group."""
+"""`vitops` commands of the data stage: sample data, DVC-versioned import, data versions, and the validation gate.
+
+vitops data sample OUT [--size N]           write the handwritten-digits sample as an ImageFolder
+vitops data import SRC [--remote URL] [--no-push] [--no-git-commit]
+                                            copy an ImageFolder into data.raw_dir as a new DVC data version
+vitops data version                         print the current data version (the tracked folder's hash)
+vitops data versions                        list the committed data versions, newest first
+vitops data checkout REV                    bring back the data version committed at git revision REV
+vitops data pull                            fetch the current data version from the remote
+vitops validate [DATA] [--report FILE] [--manifest FILE] [--reference MANIFEST]
+                                            run the gate; exit 0 when it passes, 1 when it fails
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+from pathlib import Path
 
-USER_ERRORS: tuple[type[BaseException], ...] = ()
+from data_checks.manifest import LayoutError
+from data_checks.sample import SampleError
+from flows.config import Params
+from flows.versioning import VersioningError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (LayoutError, SampleError, VersioningError)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this group's subcommands to the `vitops` parser."""
+    data = sub.add_parser("data", help="sample data, import and DVC data versions")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+
+    p = data_sub.add_parser("sample", help="write scikit-learn's handwritten digits as an ImageFolder")
+    p.add_argument("out", type=Path, help="folder to write (empty, new, or an earlier sample)")
+    p.add_argument("--size", type=int, default=None, help="number of images (default: all 1797)")
+    p.add_argument("--img-size", type=int, default=32, help="side of the PNGs in pixels (default: 32)")
+    p.set_defaults(handler=cmd_sample)
+
+    p = data_sub.add_parser("import", help="copy an ImageFolder into data.raw_dir, dvc add, push, git commit")
+    p.add_argument("src", type=Path, help="SRC/<label>/... or SRC/{train,val,test}/<label>/...; never modified")
+    p.add_argument("--remote", help="DVC remote URL (default: data.remote in params.yaml)")
+    p.add_argument("--no-push", action="store_true", help="do not push to the remote")
+    p.add_argument("--no-git-commit", action="store_true", help="do not commit the .dvc file")
+    p.set_defaults(handler=cmd_import)
+
+    p = data_sub.add_parser("version", help="print the current DVC data version")
+    p.set_defaults(handler=cmd_version)
+    p = data_sub.add_parser("versions", help="list the committed data versions, newest first")
+    p.set_defaults(handler=cmd_versions)
+    p = data_sub.add_parser("checkout", help="bring back the data version committed at a git revision")
+    p.add_argument("rev", help="git revision (commit, tag, HEAD~1) from `vitops data versions`")
+    p.set_defaults(handler=cmd_checkout)
+    p = data_sub.add_parser("pull", help="fetch the current data version from the remote")
+    p.set_defaults(handler=cmd_pull)
+
+    p = sub.add_parser("validate", help="scan a dataset into a manifest and run the Great Expectations gate")
+    p.add_argument("data", type=Path, nargs="?", help="dataset folder (default: data.raw_dir)")
+    p.add_argument("--report", type=Path, help="JSON report (default: validate.report); Data Docs go beside it")
+    p.add_argument("--manifest", type=Path, help="manifest CSV to write (default: validate.manifest)")
+    p.add_argument("--reference", type=Path, help="manifest of an earlier version, for drift warnings")
+    p.add_argument("--workers", type=int, help="scanner processes (default: validate.workers; 0 = CPU count)")
+    p.set_defaults(handler=cmd_validate)
+
+
+def cmd_sample(args: argparse.Namespace, params: Params) -> int:
+    """Write the digits sample."""
+    from data_checks.sample import write_sample
+
+    written = write_sample(args.out, size=args.size, img_size=args.img_size)
+    labels = {p.parent.name for p in written}
+    print(f"wrote {len(written)} images in {len(labels)} classes to {args.out}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace, params: Params) -> int:
+    """Import an ImageFolder as a new data version."""
+    from flows.versioning import import_images
+
+    result = import_images(
+        args.src,
+        params.data.raw_dir,
+        remote=args.remote or params.data.remote,
+        remote_name=params.data.remote_name,
+        push=not args.no_push,
+        git_commit=not args.no_git_commit,
+    )
+    for skipped in result.skipped:
+        print(f"warning: not imported: {skipped}", file=sys.stderr)
+    print(f"copied {result.copied} new file(s), {result.identical} already present")
+    print(f"data version {result.version}" + (f" (commit {result.commit[:10]})" if result.commit else ""))
+    if result.pushed:
+        print(f"pushed to remote '{params.data.remote_name}'")
+    return 0
+
+
+def cmd_version(args: argparse.Namespace, params: Params) -> int:
+    """Print the data version."""
+    from flows.versioning import data_version
+
+    version = data_version(params.data.raw_dir)
+    if version is None:
+        print(f"{params.data.raw_dir} is not tracked yet: run `vitops data import SRC`", file=sys.stderr)
+        return 1
+    print(version)
+    return 0
+
+
+def cmd_versions(args: argparse.Namespace, params: Params) -> int:
+    """List data versions."""
+    from flows.versioning import data_version, list_versions
+
+    current = data_version(params.data.raw_dir)
+    versions = list_versions(params.data.raw_dir)
+    if not versions:
+        print("no committed data versions yet: run `vitops data import SRC`")
+    for v in versions:
+        mark = "*" if v.version == current else " "
+        files = "?" if v.files is None else v.files
+        print(f"{mark} {v.commit[:10]}  {v.date}  {v.version}  {files:>6} files  {v.subject}")
+    return 0
+
+
+def cmd_checkout(args: argparse.Namespace, params: Params) -> int:
+    """Check out a data version."""
+    from flows.versioning import checkout_version
+
+    version = checkout_version(params.data.raw_dir, args.rev, params.data.remote, params.data.remote_name)
+    print(f"{params.data.raw_dir} now holds data version {version} (from {args.rev})")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace, params: Params) -> int:
+    """Pull the current data version."""
+    from flows.versioning import pull_data
+
+    version = pull_data(params.data.raw_dir, params.data.remote, params.data.remote_name)
+    print(f"{params.data.raw_dir} holds data version {version}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace, params: Params) -> int:
+    """Run the data gate; 0 when it passes, 1 when it fails."""
+    from data_checks.gate import validate_folder
+    from data_checks.suite import GateRules
+
+    if not args.verbose:  # GX logs its internals at INFO (and pins some of its loggers to INFO)
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_quiet_gx)
+
+    v = params.validate_
+    data = args.data or params.data.raw_dir
+    if not Path(data).exists():
+        raise FileNotFoundError(f"{data} does not exist: give the dataset folder, or import data first")
+    rules = GateRules(
+        classes=tuple(params.data.classes),
+        min_width=v.min_width,
+        min_height=v.min_height,
+        min_images_per_class=v.min_images_per_class,
+        max_imbalance_ratio=v.max_imbalance_ratio,
+        max_rejected_fraction=v.max_rejected_fraction,
+        drift_kl_threshold=v.drift_kl_threshold,
+    )
+    report_path = args.report or v.report
+    report = validate_folder(
+        Path(data),
+        rules,
+        fractions=params.data.split.model_dump(),
+        manifest_path=args.manifest or v.manifest,
+        report_path=report_path,
+        reference_path=args.reference or v.reference_manifest,
+        workers=v.workers if args.workers is None else args.workers,
+    )
+    counts = report["counts"]
+    for item in report["rejected"][:20]:
+        print(f"rejected: {item['path']}: {item['reason']}")
+    if len(report["rejected"]) > 20:
+        print(f"... and {len(report['rejected']) - 20} more (see the report)")
+    for line in report["failures"]:
+        print(f"FAIL: {line}")
+    for line in report["warnings"]:
+        print(f"warning: {line}")
+    verdict = "passed" if report["passed"] else "FAILED"
+    print(
+        f"gate {verdict}: {counts['files']} files, {counts['usable']} usable, {counts['rejected']} rejected; "
+        f"report {report_path}; data docs {report['data_docs']}"
+    )
+    return 0 if report["passed"] else 1
+
+
+def _quiet_gx(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or not record.name.startswith("great_expectations")
