@@ -1,0 +1,251 @@
+"""Latency targets of issue 4, measured in one run: ONNX Runtime FP32 vs torch eager, INT8 vs FP32.
+
+    python bench/latency_targets.py [--model-dir artifacts/train/vit/model] [--iters 200]
+    python bench/latency_targets.py --gpu      # NVIDIA GPU: torch eager vs torch.compile, ViT-S/16 and ViT-B/16
+
+CPU mode measures, for the quickstart model and for vit_small_patch16_224, batch-1 p50 latency of torch
+eager, ONNX Runtime FP32 and ONNX Runtime INT8 (static QDQ and dynamic), all in interleaved rounds in one
+process, and top-1 agreement of each engine with FP32 PyTorch:
+
+- quickstart: the model folder given, else the same architecture (params.yaml `train`) trained here for a
+  few seconds on scikit-learn's digits, so that its logits have real margins; agreement is measured on the
+  digits test half (the images of the quickstart's ImageFolder).
+- vit_small_patch16_224: random weights (no pretrained weights can be downloaded here), on deterministic
+  generated natural-ish images (smooth colour fields with edges). Top-1 agreement of a random-weight
+  model is a harsh test: its logits are nearly tied, so tiny INT8 errors flip the argmax.
+
+Targets: ONNX Runtime FP32 p50 <= 0.75x torch eager; INT8 >= 1.5x faster than ONNX Runtime FP32 with
+>= 99% top-1 agreement. Timings on a shared CPU are noisy; the ratios come from the same rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def digits_images(img_size: int, mean: tuple, std: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn digits as normalised RGB tensors of side `img_size`, and their labels."""
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.from_numpy(digits.images.astype(np.float32) / 16.0)[:, None]
+    x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    return x.numpy(), digits.target
+
+
+def natural_images(n: int, size: int = 224, seed: int = 0) -> np.ndarray:
+    """Deterministic natural-ish images: smooth colour fields, a few hard-edged shapes, ImageNet-normalised."""
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(seed)
+    low = F.interpolate(torch.rand(n, 3, 7, 7, generator=gen), size=(size, size), mode="bicubic", align_corners=False)
+    mid = F.interpolate(torch.rand(n, 3, 28, 28, generator=gen), size=(size, size), mode="bilinear")
+    img = 0.7 * low + 0.3 * mid
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    for i in range(n):
+        for _ in range(3):
+            cy, cx, r = torch.randint(0, size, (2,), generator=gen).tolist() + [
+                int(torch.randint(10, 60, (1,), generator=gen))
+            ]
+            mask = ((yy - cy) ** 2 + (xx - cx) ** 2) < r * r
+            img[i][:, mask] = torch.rand(3, 1, generator=gen)
+    img = img.clamp(0, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return ((img - mean) / std).numpy()
+
+
+def quickstart_model(model_dir: str | None, steps: int) -> tuple[object, object, str]:
+    """The quickstart model folder, or a stand-in of the same architecture (params.yaml `train`) trained
+    here for `steps` AdamW steps on the digits train half: INT8 agreement needs a model whose features
+    and logits carry real margins, which a random-weight model does not have."""
+    import timm
+    import torch
+
+    from flows.config import load_params
+    from vit.bundle import ModelMeta, load_bundle
+
+    if model_dir:
+        model, meta = load_bundle(Path(model_dir))
+        return model, meta, f"{model_dir} ({meta.model}, {meta.img_size}px, {meta.model_kwargs})"
+    t = load_params().train
+    kwargs = {"patch_size": t.patch_size, "depth": t.depth}
+    meta = ModelMeta(model=t.model, classes=[str(i) for i in range(10)], img_size=t.img_size, model_kwargs=kwargs)
+    torch.manual_seed(0)
+    model = timm.create_model(meta.model, pretrained=False, **meta.create_kwargs())
+    x, y = digits_images(meta.img_size, meta.mean, meta.std)
+    xt, yt = torch.from_numpy(x[::2]), torch.from_numpy(y[::2])  # train half; the odd half measures agreement
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small batches train faster on one thread, and do not stall on a busy CPU
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(xt), (64,))
+        loss = torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    torch.set_num_threads(threads)
+    model.eval()
+    with torch.inference_mode():
+        accuracy = float((model(torch.from_numpy(x[1::2])).argmax(1).numpy() == y[1::2]).mean())
+    label = (
+        f"stand-in {meta.model} {meta.img_size}px patch {t.patch_size} depth {t.depth}, trained here "
+        f"{steps} steps on digits from scratch (test top-1 {accuracy:.1%}); pass --model-dir for the real one"
+    )
+    return model, meta, label
+
+
+def measure_cpu(name: str, model, images: np.ndarray, iters: int, threads: int, work: Path) -> list[dict]:
+    """Export, build ORT FP32 and INT8 engines, time all backends interleaved, measure agreement."""
+    import torch
+
+    from deploy.export import export_onnx
+    from deploy.latency import bench_backends, ort_runner, torch_runner
+    from deploy.onnxrt import QuantSettings, create_session, optimize_onnx, quantize_onnx, session_logits
+    from deploy.parity import compare_logits, torch_logits
+
+    onnx_path = work / f"{name}.onnx"
+    result = export_onnx(model, torch.from_numpy(images[:2]), onnx_path)
+    engines = {"onnxruntime-fp32": optimize_onnx(onnx_path, work / f"{name}_fp32.onnx")}
+    calib = images[: min(len(images), 128)]
+    engines["onnxruntime-int8-static"] = quantize_onnx(
+        onnx_path, work / f"{name}_int8s.onnx", QuantSettings(mode="static"), calib
+    )
+    engines["onnxruntime-int8-dynamic"] = quantize_onnx(
+        onnx_path, work / f"{name}_int8d.onnx", QuantSettings(mode="dynamic")
+    )
+    reference = torch_logits(model, images)
+    agreement = {"torch-eager": 1.0}
+    for label, path in engines.items():
+        logits = session_logits(create_session(path, threads), images)
+        agreement[label] = compare_logits(reference, logits, label, 0.0).top1_agreement
+    factories = {"torch-eager": lambda: torch_runner(model, "cpu", threads=threads)}
+    factories.update({label: (lambda p=path: ort_runner(p, threads)) for label, path in engines.items()})
+    batch = np.ascontiguousarray(images[:32])
+    results = bench_backends(factories, np.ascontiguousarray(images[:1]), batch, warmup=20, iters=iters)
+    p50 = {r.backend: r.p50_ms for r in results}
+    rows = []
+    for r in results:
+        row = {
+            "model": name,
+            "backend": r.backend,
+            "p50_ms": r.p50_ms,
+            "p95_ms": r.p95_ms,
+            "x_eager": r.p50_ms / p50["torch-eager"],
+            "speedup_vs_ort_fp32": p50["onnxruntime-fp32"] / r.p50_ms,
+            "img_s": r.throughput_ips,
+            "top1_agreement": agreement[r.backend],
+            "exporter": result.exporter,
+        }
+        if r.backend == "onnxruntime-fp32":
+            row["target"] = "<= 0.75x eager"
+            row["met"] = row["x_eager"] <= 0.75
+        elif "int8" in r.backend:
+            row["target"] = ">= 1.5x ORT FP32, >= 99% agree"
+            row["met"] = row["speedup_vs_ort_fp32"] >= 1.5 and row["top1_agreement"] >= 0.99
+        rows.append(row)
+    return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+    head = (
+        f"{'model':<34} {'backend':<26} {'p50 ms':>8} {'p95 ms':>8} {'x eager':>8} {'vs ORT32':>8} "
+        f"{'img/s@32':>9} {'top-1 agr':>9}  target"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        met = "" if "met" not in r else ("  MET" if r["met"] else "  MISSED")
+        print(
+            f"{r['model']:<34} {r['backend']:<26} {r['p50_ms']:8.2f} {r['p95_ms']:8.2f} {r['x_eager']:7.2f}x "
+            f"{r['speedup_vs_ort_fp32']:7.2f}x {r['img_s']:9.0f} {r['top1_agreement']:9.2%}  {r.get('target', '')}{met}"
+        )
+
+
+def run_cpu(args: argparse.Namespace) -> int:
+    import torch
+
+    from deploy.onnxrt import cpu_name, physical_cores
+
+    threads = args.threads or physical_cores()
+    torch.set_num_threads(threads)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="vitops-latency-") as tmp:
+        work = Path(tmp)
+        model, meta, label = quickstart_model(args.model_dir, args.train_steps)
+        x, _ = digits_images(meta.img_size, meta.mean, meta.std)
+        print(f"quickstart model: {label}")
+        rows += measure_cpu("quickstart", model, x[1::2], args.iters, threads, work)
+        if not args.skip_small:
+            import timm
+
+            torch.manual_seed(0)
+            small = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
+            rows += measure_cpu(
+                "vit_small_patch16_224 (random init)",
+                small,
+                natural_images(args.small_images),
+                args.iters,
+                threads,
+                work,
+            )
+    print(f"\nCPU: {cpu_name()}, {threads} threads; torch {torch.__version__}")
+    print_rows(rows)
+    return 0
+
+
+def run_gpu(args: argparse.Namespace) -> int:
+    import timm
+    import torch
+
+    from deploy.latency import bench_backends, format_table, torch_runner
+
+    if not torch.cuda.is_available():
+        print("--gpu needs a CUDA device; none found", file=sys.stderr)
+        return 2
+    gpu = torch.cuda.get_device_name()
+    print(f"GPU: {gpu}; torch {torch.__version__}; FP16 autocast; random weights")
+    for arch in ("vit_small_patch16_224", "vit_base_patch16_224"):
+        model = timm.create_model(arch, pretrained=False).eval()
+        for bs in (1, 256):
+            x = np.random.default_rng(0).standard_normal((bs, 3, 224, 224), dtype=np.float32)
+            factories = {
+                "torch-eager": lambda: torch_runner(model, "cuda"),
+                "torch-compile": lambda: torch_runner(model, "cuda", compile=True),
+            }
+            results = bench_backends(factories, x, x, warmup=20, iters=args.iters, device="cuda")
+            print(f"\n{arch}, batch {bs} ({gpu}); p50 is per batch")
+            print(format_table(results, reference="torch-eager"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", help="quickstart model folder (default: train a stand-in briefly)")
+    parser.add_argument("--iters", type=int, default=200, help="timed batch-1 calls per backend")
+    parser.add_argument("--threads", type=int, default=0, help="0 = physical cores")
+    parser.add_argument("--train-steps", type=int, default=600, help="stand-in quickstart training steps")
+    parser.add_argument("--small-images", type=int, default=200)
+    parser.add_argument("--skip-small", action="store_true", help="quickstart model only")
+    parser.add_argument("--gpu", action="store_true", help="torch eager vs torch.compile on an NVIDIA GPU")
+    args = parser.parse_args(argv)
+    return run_gpu(args) if args.gpu else run_cpu(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Engine metadata beside each engine file, compatibility checks before loading, atomic writes, timing cache.
+
+An engine is only valid for the runtime that built it: a TensorRT plan is tied to the TensorRT version and
+the GPU (name and compute capability); an ONNX Runtime engine saved after hardware-specific graph
+optimisations is tied to the CPU's instruction set. Every engine `X` therefore has `X.json` beside it,
+written by the build, and `check_compatible` refuses to load an engine whose metadata does not match the
+runtime in use. All files are written atomically (temp file in the same folder, then `os.replace`), so an
+interrupted build leaves the previous good engine, or nothing, but never a partial file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+META_SUFFIX = ".json"
+
+
+class EngineMismatchError(RuntimeError):
+    """An engine built for another runtime (TensorRT version, GPU, CPU); the message says what to rebuild."""
+
+
+@dataclass
+class EngineMeta:
+    """What an engine was built from and for.
+
+    Attributes:
+        target: `tensorrt` or `onnxruntime`.
+        precision: `fp32`, `fp16`, `int8` (TensorRT) or `fp32`, `int8-static`, `int8-dynamic` (ONNX Runtime).
+        onnx_sha256: hash of the ONNX file the engine was built from.
+        runtime_version: TensorRT or ONNX Runtime version that built it.
+        device: GPU name (TensorRT) or CPU model name (ONNX Runtime).
+        compute_capability: `major.minor` of the GPU; empty for CPU engines.
+        profile: optimization profile batch sizes `{"min": .., "opt": .., "max": ..}` (TensorRT).
+        vitops_version: version of this package that built it.
+        created: UTC timestamp of the build.
+        extra: build settings and parity results.
+    """
+
+    target: str
+    precision: str
+    onnx_sha256: str
+    runtime_version: str
+    device: str
+    compute_capability: str = ""
+    profile: dict[str, int] = field(default_factory=dict)
+    vitops_version: str = ""
+    created: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def meta_path(engine_path: Path) -> Path:
+    """The metadata file that belongs to `engine_path` (`<engine>.json`)."""
+    return Path(str(engine_path) + META_SUFFIX)
+
+
+def vitops_version() -> str:
+    """Installed version of vitops, or `unknown` when run from a bare checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vitops")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None] | Iterable[bytes] | bytes) -> Path:
+    """Write `path` through a temp file in the same folder and `os.replace`.
+
+    Args:
+        path: final file.
+        write: the bytes, an iterable of byte chunks, or a function that writes into the open temp file.
+
+    Any exception, KeyboardInterrupt included, removes the temp file and leaves an existing `path` as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; published files get the usual mode
+        with os.fdopen(fd, "wb") as fh:
+            if callable(write):
+                write(fh)
+            elif isinstance(write, bytes | bytearray | memoryview):
+                fh.write(write)
+            else:
+                for chunk in write:
+                    fh.write(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_copy(src: Path, dst: Path) -> Path:
+    """Copy a file atomically (used to publish a finished engine written elsewhere)."""
+
+    def _copy(fh: BinaryIO) -> None:
+        with open(src, "rb") as inp:
+            while block := inp.read(1 << 20):
+                fh.write(block)
+
+    return atomic_write(dst, _copy)
+
+
+def write_meta(engine_path: Path, meta: EngineMeta) -> Path:
+    """Write `<engine>.json` atomically."""
+    text = json.dumps(asdict(meta), indent=2, sort_keys=True)
+    return atomic_write(meta_path(engine_path), text.encode("utf-8"))
+
+
+def read_meta(engine_path: Path) -> EngineMeta:
+    """Read the metadata of an engine.
+
+    Raises:
+        EngineMismatchError: when it is missing or unreadable (the engine cannot be trusted).
+    """
+    path = meta_path(engine_path)
+    if not path.is_file():
+        raise EngineMismatchError(f"{engine_path}: no metadata file {path.name}; rebuild it with `vitops build`")
+    try:
+        return EngineMeta(**json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, TypeError) as err:
+        raise EngineMismatchError(f"{path}: unreadable engine metadata ({err}); rebuild with `vitops build`") from err
+
+
+def check_compatible(meta: EngineMeta, runtime: EngineMeta, engine_path: Path | str = "engine") -> None:
+    """Refuse an engine whose build runtime differs from the runtime about to load it.
+
+    For TensorRT the runtime version, GPU name and compute capability must all match (a plan file is not
+    portable across any of them). For ONNX Runtime only the target is checked: ORT files are portable
+    ONNX, optimised at the portable `extended` level.
+
+    Args:
+        meta: metadata read beside the engine.
+        runtime: the same fields describing the runtime in use (see `deploy.tensorrt.runtime_meta`).
+        engine_path: named in the error.
+
+    Raises:
+        EngineMismatchError: naming every field that differs and how to fix it.
+    """
+    if meta.target != runtime.target:
+        raise EngineMismatchError(f"{engine_path}: built for {meta.target}, cannot load with {runtime.target}")
+    if meta.target != "tensorrt":
+        return
+    diffs = [
+        f"{label} {have!r} (engine) != {want!r} (this machine)"
+        for label, have, want in (
+            ("TensorRT version", meta.runtime_version, runtime.runtime_version),
+            ("GPU", meta.device, runtime.device),
+            ("compute capability", meta.compute_capability, runtime.compute_capability),
+        )
+        if have != want
+    ]
+    if diffs:
+        raise EngineMismatchError(
+            f"{engine_path}: TensorRT engine does not match this machine: {'; '.join(diffs)}. "
+            "A TensorRT engine only runs on the TensorRT version and GPU that built it: "
+            "rebuild it here with `vitops build --target tensorrt`."
+        )
+
+
+def load_timing_cache(path: Path) -> bytes:
+    """The saved TensorRT timing cache, or empty bytes when there is none yet (or it is unreadable)."""
+    path = Path(path).expanduser()
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
+def save_timing_cache(path: Path, data: bytes) -> Path | None:
+    """Save a TensorRT timing cache atomically, so concurrent or interrupted builds never corrupt it."""
+    if not data:
+        return None
+    return atomic_write(Path(path).expanduser(), bytes(data))

@@ -1,0 +1,270 @@
+"""Latency benchmark of one model on several backends: torch eager, ONNX Runtime FP32/INT8, and on GPU
+torch.compile and TensorRT FP16/INT8.
+
+Figures per backend: after warm-up, p50/p95/p99 latency at batch 1; throughput (images/s) at a large
+batch; peak memory (growth of the process RSS on CPU, `torch.cuda.max_memory_allocated` on GPU). The
+backends are timed in interleaved rounds (one call of each in turn), so a noisy shared CPU slows all of
+them alike and their ratios stay meaningful. These numbers feed the latency KPI.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deploy.engine_meta import atomic_write, utc_now
+
+Runner = Callable[[np.ndarray], Any]
+
+
+@dataclass
+class BenchResult:
+    """One backend's figures."""
+
+    backend: str
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    throughput_ips: float
+    large_batch: int
+    peak_mem_mb: float
+    iters: int
+    device: str = "cpu"
+    note: str = ""
+
+
+def percentiles_ms(seconds: list[float]) -> tuple[float, float, float]:
+    """p50, p95, p99 of durations in seconds, as milliseconds."""
+    p50, p95, p99 = np.percentile(np.asarray(seconds) * 1e3, [50, 95, 99])
+    return float(p50), float(p95), float(p99)
+
+
+class _RssPeak:
+    """Samples the process RSS in a thread; `peak` is the highest value seen (bytes)."""
+
+    def __init__(self, interval_s: float = 0.002) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self.peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __enter__(self) -> _RssPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def bench_backends(
+    factories: dict[str, Callable[[], Runner]],
+    image: np.ndarray,
+    batch: np.ndarray,
+    warmup: int = 10,
+    iters: int = 100,
+    throughput_rounds: int = 3,
+    device: str = "cpu",
+    notes: dict[str, str] | None = None,
+) -> list[BenchResult]:
+    """Create each backend, then time them in interleaved rounds.
+
+    Args:
+        factories: backend name -> function creating its runner `run(images) -> outputs`. A GPU runner
+            must return only after the device finished (synchronise inside).
+        image: one preprocessed image batch of size 1.
+        batch: a large preprocessed batch for throughput.
+        warmup: untimed calls per backend at batch 1 (and one at the large batch).
+        iters: timed batch-1 calls per backend.
+        throughput_rounds: timed large-batch calls per backend.
+        device: `cpu` (RSS growth) or `cuda` (torch peak allocated memory).
+        notes: per-backend remarks for the table (e.g. random weights).
+    """
+    import psutil
+
+    notes = notes or {}
+    proc = psutil.Process()
+    runners: dict[str, Runner] = {}
+    baseline: dict[str, int] = {}
+    for name, make in factories.items():
+        baseline[name] = proc.memory_info().rss
+        runners[name] = make()
+    peaks: dict[str, float] = {}
+    for name, run in runners.items():
+        for _ in range(warmup):
+            run(image)
+        if device == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+            run(batch)
+            peaks[name] = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            with _RssPeak() as rss:
+                run(batch)
+            peaks[name] = max(0, rss.peak - baseline[name]) / 2**20
+    # Timed in blocks, the backends taking turns: interleaving shares out the noise of a busy machine,
+    # and blocks (with a pause between them) keep one runtime's spinning worker threads, which wait
+    # busily for a moment after each call, from stealing cores from the next runtime.
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    blocks = max(1, min(10, iters // 10))
+    for block in range(blocks):
+        count = iters // blocks + (1 if block < iters % blocks else 0)
+        for name, run in runners.items():
+            _settle()
+            run(image)
+            for _ in range(count):
+                start = time.perf_counter()
+                run(image)
+                times[name].append(time.perf_counter() - start)
+    spent: dict[str, float] = dict.fromkeys(runners, 0.0)
+    for name, run in runners.items():
+        _settle()
+        run(batch)
+        for _ in range(throughput_rounds):
+            start = time.perf_counter()
+            run(batch)
+            spent[name] += time.perf_counter() - start
+    results = []
+    for name in runners:
+        p50, p95, p99 = percentiles_ms(times[name])
+        results.append(
+            BenchResult(
+                backend=name,
+                p50_ms=p50,
+                p95_ms=p95,
+                p99_ms=p99,
+                throughput_ips=throughput_rounds * len(batch) / spent[name],
+                large_batch=len(batch),
+                peak_mem_mb=peaks[name],
+                iters=iters,
+                device=device,
+                note=notes.get(name, ""),
+            )
+        )
+    return results
+
+
+def _settle(seconds: float = 0.02) -> None:
+    time.sleep(seconds)
+
+
+def torch_runner(model: Any, device: str = "cpu", compile: bool = False, threads: int = 0) -> Runner:
+    """A runner for a PyTorch model (eager, or `torch.compile` with CUDA graphs on GPU).
+
+    On GPU the model runs in FP16 autocast, the precision a serving GPU would use, and each call waits
+    for the device so that the time is the latency a caller sees (host-to-device copy included).
+    """
+    import torch
+
+    if threads and device == "cpu":
+        torch.set_num_threads(threads)
+    model = model.eval().to(device)
+    if compile:
+        model = torch.compile(model, mode="reduce-overhead" if device == "cuda" else "default")
+
+    def run(images: np.ndarray) -> Any:
+        with torch.inference_mode():
+            x = torch.from_numpy(images).to(device)
+            if device == "cuda":
+                with torch.autocast("cuda", dtype=torch.float16):
+                    out = model(x)
+                torch.cuda.synchronize()
+                return out
+            return model(x)
+
+    return run
+
+
+def ort_runner(path: Path, threads: int = 0) -> Runner:
+    """A runner for an ONNX Runtime CPU engine."""
+    from deploy.onnxrt import create_session
+
+    session = create_session(path, threads)
+    name = session.get_inputs()[0].name
+    return lambda images: session.run(None, {name: images})[0]
+
+
+def trt_runner(path: Path) -> Runner:
+    """A runner for a TensorRT engine (checked against this GPU and TensorRT version first)."""
+    import torch
+
+    from deploy.tensorrt import load_trt_engine
+
+    run_engine = load_trt_engine(path)
+
+    def run(images: np.ndarray) -> Any:
+        out = run_engine(torch.from_numpy(images))
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+def format_table(results: list[BenchResult], reference: str | None = None) -> str:
+    """A plain-text table; `reference` adds a column with each p50 as a multiple of that backend's."""
+    ref = next((r for r in results if r.backend == reference), None)
+    header = ["backend", "p50 ms", "p95 ms", "p99 ms", f"x {reference} p50" if ref else "", "img/s @batch", "peak MB"]
+    rows = []
+    for r in results:
+        rows.append(
+            [
+                r.backend,
+                f"{r.p50_ms:.2f}",
+                f"{r.p95_ms:.2f}",
+                f"{r.p99_ms:.2f}",
+                f"{r.p50_ms / ref.p50_ms:.2f}x" if ref else "",
+                f"{r.throughput_ips:.0f} @{r.large_batch}",
+                f"{r.peak_mem_mb:.0f}",
+            ]
+            + ([r.note] if r.note else [])
+        )
+    if not ref:
+        header.pop(4)
+        rows = [row[:4] + row[5:] for row in rows]
+    widths = [max(len(str(row[i])) for row in [header, *rows] if i < len(row)) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=False)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in rows:
+        cells = [str(c).ljust(w) for c, w in zip(row, widths, strict=False)] + row[len(widths) :]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def bench_report(results: list[BenchResult], context: dict[str, Any]) -> dict[str, Any]:
+    """The JSON document of a benchmark: context (model, host, settings), flat KPI metrics (for `dvc metrics`
+    and the latency KPI) and one entry per backend."""
+    return {"created": utc_now(), **context, "metrics": kpi_metrics(results), "results": [asdict(r) for r in results]}
+
+
+def write_report(report: dict[str, Any], out: Path) -> Path:
+    """Write the benchmark JSON atomically."""
+    return atomic_write(Path(out), json.dumps(report, indent=2).encode("utf-8"))
+
+
+def kpi_metrics(results: list[BenchResult]) -> dict[str, float]:
+    """Flat metric names for MLflow and the KPI gate, e.g. `latency_p50_ms.onnxruntime-int8`."""
+    metrics: dict[str, float] = {}
+    for r in results:
+        key = r.backend.replace(" ", "_")
+        metrics[f"latency_p50_ms.{key}"] = r.p50_ms
+        metrics[f"latency_p95_ms.{key}"] = r.p95_ms
+        metrics[f"latency_p99_ms.{key}"] = r.p99_ms
+        metrics[f"throughput_ips.{key}"] = r.throughput_ips
+        metrics[f"peak_mem_mb.{key}"] = r.peak_mem_mb
+    return metrics

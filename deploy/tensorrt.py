@@ -1,0 +1,345 @@
+"""TensorRT engines for NVIDIA GPUs, built from the exported ONNX file with the tensorrt Python API.
+
+Everything that decides what to build is a plain function tested on any machine: which target to build
+(`choose_target`), which precision the GPU supports (`choose_precision`), the builder flags, the
+optimization profile shapes, which layers stay in FP32 under FP16 (`layers_to_pin_fp32`: LayerNorm,
+softmax and the reductions inside attention, since ViTs lose accuracy in plain FP16), metadata,
+compatibility checks, the timing cache and the atomic write. The tensorrt calls themselves are few and
+sit in `_trt_build` and `_trt_runner` only.
+
+INT8 uses explicit quantization: the ONNX model is first quantized to symmetric QDQ with ONNX Runtime's
+calibrator on validation images (the same code as the CPU engine, `deploy.onnxrt.quantize_onnx`), and
+TensorRT builds from the Q/DQ nodes. TensorRT 10 deprecates implicit INT8 calibrators
+(IInt8EntropyCalibrator2), so they are not used.
+
+Verified on hardware: none yet; the plain functions around the tensorrt calls are unit-tested on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from deploy.engine_meta import (
+    EngineMeta,
+    atomic_write,
+    check_compatible,
+    load_timing_cache,
+    read_meta,
+    save_timing_cache,
+    sha256_file,
+    utc_now,
+    vitops_version,
+    write_meta,
+)
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "fp16", "int8"]
+Target = Literal["auto", "onnxruntime", "tensorrt"]
+
+# Layer types TensorRT's ONNX parser creates for LayerNormalization, Softmax and ReduceMean/ReduceSum.
+FP32_LAYER_TYPES = frozenset({"NORMALIZATION", "SOFTMAX", "REDUCE"})
+# Layer names (from ONNX node names) of LayerNorm when exported as primitive ops, softmax and the
+# reductions around it: elementwise and unary layers inside these stay in FP32 as well.
+FP32_NAME_PATTERN = re.compile(r"(norm|softmax|reducemean|reducesum|reducemax|pow|sqrt)", re.IGNORECASE)
+FP32_NAMED_TYPES = frozenset({"ELEMENTWISE", "UNARY", "REDUCE", "NORMALIZATION", "SOFTMAX"})
+
+
+class TensorRTUnavailable(RuntimeError):
+    """TensorRT was asked for explicitly but cannot run here (no CUDA device or no tensorrt package)."""
+
+
+class TensorRTBuildError(RuntimeError):
+    """TensorRT could not parse the ONNX file or build an engine; the message has its errors."""
+
+
+@dataclass
+class TrtPlan:
+    """What to build.
+
+    Attributes:
+        precision: `fp32`, `fp16` (with FP32 LayerNorm/softmax) or `int8` (from an explicit Q/DQ model).
+        input_name: the network input.
+        input_chw: channels, height, width of one image.
+        profile: batch sizes `{"min", "opt", "max"}` of the optimization profile.
+        workspace_gib: builder workspace memory limit.
+        flags: TensorRT builder flag names (`BuilderFlag` members).
+        extra: notes recorded in the metadata.
+    """
+
+    precision: Precision
+    input_name: str
+    input_chw: tuple[int, int, int]
+    profile: dict[str, int]
+    workspace_gib: float = 4.0
+    flags: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def tensorrt_status() -> tuple[bool, str]:
+    """Whether TensorRT can build here, and why not."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False, "no CUDA device"
+    except ImportError:
+        return False, "torch is missing"
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False, "the tensorrt package is not installed (pip install 'vitops[tensorrt]')"
+    return True, ""
+
+
+def choose_target(requested: Target, available: bool, reason: str = "") -> tuple[str, str]:
+    """Pick the engine target.
+
+    Args:
+        requested: `auto`, `onnxruntime` or `tensorrt`.
+        available: whether TensorRT can build here (see `tensorrt_status`).
+        reason: why it cannot.
+
+    Returns:
+        The target and a message for the user (empty when nothing to say).
+
+    Raises:
+        TensorRTUnavailable: when `tensorrt` was asked for explicitly and cannot run.
+    """
+    if requested == "onnxruntime":
+        return "onnxruntime", ""
+    if available:
+        return "tensorrt", ""
+    if requested == "tensorrt":
+        raise TensorRTUnavailable(
+            f"TensorRT was requested but cannot run here: {reason}. Build on an NVIDIA GPU machine with "
+            "`pip install 'vitops[tensorrt]'`, or use --target onnxruntime (or auto)."
+        )
+    return "onnxruntime", f"TensorRT skipped ({reason}); building the ONNX Runtime CPU engine instead"
+
+
+def choose_precision(requested: Precision, compute_capability: str) -> tuple[Precision, str]:
+    """The precision the GPU runs fast, falling back from INT8 to FP16 to FP32, with a note when it does.
+
+    FP16 is fast from compute capability 7.0 (and on 6.0/6.2); INT8 needs 6.1 or newer.
+    """
+    major, minor = (int(p) for p in compute_capability.split(".")[:2])
+    cc = (major, minor)
+    fast_fp16 = cc >= (7, 0) or cc in ((6, 0), (6, 2))
+    fast_int8 = cc >= (6, 1)
+    if requested == "int8" and not fast_int8:
+        requested, note = "fp16", f"INT8 is not fast on compute capability {compute_capability}; using FP16"
+        if fast_fp16:
+            return requested, note
+    if requested == "fp16" and not fast_fp16:
+        return "fp32", f"FP16 is not fast on compute capability {compute_capability}; using FP32"
+    return requested, ""
+
+
+def builder_flags(precision: Precision) -> list[str]:
+    """TensorRT builder flags for a precision.
+
+    FP16 and INT8 obey per-layer precision constraints so that the layers pinned to FP32 stay there;
+    INT8 also allows FP16 for the layers left unquantized by the Q/DQ model.
+    """
+    return {
+        "fp32": [],
+        "fp16": ["FP16", "OBEY_PRECISION_CONSTRAINTS"],
+        "int8": ["INT8", "FP16", "OBEY_PRECISION_CONSTRAINTS"],
+    }[precision]
+
+
+def profile_shapes(chw: Sequence[int], profile: dict[str, int]) -> tuple[tuple[int, ...], ...]:
+    """Min, opt and max input shapes of the optimization profile.
+
+    Raises:
+        ValueError: unless 1 <= min <= opt <= max.
+    """
+    lo, opt, hi = profile["min"], profile["opt"], profile["max"]
+    if not 1 <= lo <= opt <= hi:
+        raise ValueError(f"optimization profile needs 1 <= min <= opt <= max batch, got {lo}/{opt}/{hi}")
+    return tuple((b, *chw) for b in (lo, opt, hi))
+
+
+def layers_to_pin_fp32(layers: Sequence[tuple[str, str]]) -> list[str]:
+    """Names of the network layers to keep in FP32 in an FP16 build.
+
+    Args:
+        layers: `(name, type)` of each layer, type as a `trt.LayerType` member name.
+
+    Pinned: every normalization, softmax and reduce layer, plus elementwise/unary layers whose name says
+    they belong to a LayerNorm or softmax (a LayerNorm exported below opset 17 is ReduceMean, Sub, Pow,
+    Sqrt, Div...).
+    """
+    return [
+        name
+        for name, kind in layers
+        if kind in FP32_LAYER_TYPES or (kind in FP32_NAMED_TYPES and FP32_NAME_PATTERN.search(name))
+    ]
+
+
+def make_plan(
+    onnx_path: Path,
+    precision: Precision,
+    profile: dict[str, int],
+    compute_capability: str,
+    workspace_gib: float = 4.0,
+) -> TrtPlan:
+    """Everything the build needs, decided from the ONNX file, the request and the GPU."""
+    import onnx
+
+    graph_input = onnx.load(str(onnx_path), load_external_data=False).graph.input[0]
+    dims = [d.dim_value for d in graph_input.type.tensor_type.shape.dim]
+    chosen, note = choose_precision(precision, compute_capability)
+    if note:
+        log.warning("%s", note)
+    profile_shapes(dims[1:], profile)  # validates the order
+    return TrtPlan(
+        precision=chosen,
+        input_name=graph_input.name,
+        input_chw=(dims[1], dims[2], dims[3]),
+        profile=dict(profile),
+        workspace_gib=workspace_gib,
+        flags=builder_flags(chosen),
+        extra={"requested_precision": precision, "note": note},
+    )
+
+
+def runtime_meta() -> EngineMeta:
+    """The TensorRT version and GPU of this machine, for metadata and compatibility checks."""
+    import tensorrt as trt
+    import torch
+
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return EngineMeta(
+        target="tensorrt",
+        precision="",
+        onnx_sha256="",
+        runtime_version=trt.__version__,
+        device=props.name,
+        compute_capability=f"{props.major}.{props.minor}",
+    )
+
+
+def build_trt_engine(
+    onnx_path: Path, out: Path, plan: TrtPlan, timing_cache: Path, runtime: EngineMeta | None = None
+) -> EngineMeta:
+    """Build a TensorRT engine and publish it atomically with its metadata; the timing cache is reused.
+
+    Args:
+        onnx_path: FP32 ONNX (fp32/fp16) or its symmetric Q/DQ version (int8).
+        out: engine file (`.engine`); `out.json` gets the metadata.
+        plan: from `make_plan`.
+        timing_cache: loaded before the build (if present) and saved back after it.
+        runtime: this machine's TensorRT version and GPU (default: `runtime_meta()`).
+
+    An exception or Ctrl-C during the build or the write leaves an older engine intact and no partial file.
+    """
+    runtime = runtime or runtime_meta()
+    cache_in = load_timing_cache(timing_cache)
+    log.info(
+        "building TensorRT %s engine (%s, profile %s, timing cache %s)",
+        plan.precision,
+        runtime.device,
+        plan.profile,
+        "reused" if cache_in else "new",
+    )
+    engine, cache_out, pinned = _trt_build(onnx_path, plan, cache_in)
+    atomic_write(Path(out), _chunks(engine))
+    save_timing_cache(timing_cache, cache_out)
+    meta = EngineMeta(
+        target="tensorrt",
+        precision=plan.precision,
+        onnx_sha256=sha256_file(onnx_path),
+        runtime_version=runtime.runtime_version,
+        device=runtime.device,
+        compute_capability=runtime.compute_capability,
+        profile=dict(plan.profile),
+        vitops_version=vitops_version(),
+        created=utc_now(),
+        extra={**plan.extra, "flags": plan.flags, "fp32_layers": len(pinned), "timing_cache_reused": bool(cache_in)},
+    )
+    write_meta(Path(out), meta)
+    return meta
+
+
+def load_trt_engine(path: Path, runtime: EngineMeta | None = None) -> Any:
+    """Check an engine's metadata against this machine, then load it as a callable `run(torch.Tensor)`.
+
+    Raises:
+        EngineMismatchError: built for another TensorRT version or GPU; nothing is loaded.
+    """
+    meta = read_meta(path)
+    check_compatible(meta, runtime or runtime_meta(), path)
+    return _trt_runner(Path(path).read_bytes())
+
+
+def _chunks(data: Any, size: int = 16 << 20) -> Iterator[bytes]:
+    view = memoryview(data)
+    for start in range(0, len(view), size):
+        yield bytes(view[start : start + size])
+
+
+# --- the tensorrt calls ----------------------------------------------------------------------------
+
+
+def _trt_build(onnx_path: Path, plan: TrtPlan, timing_cache: bytes) -> tuple[bytes, bytes, list[str]]:
+    """Parse, configure and build; returns the serialized engine, the timing cache and the pinned layers."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise TensorRTBuildError(f"{onnx_path}: TensorRT cannot parse it: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(plan.workspace_gib * (1 << 30)))
+    for flag in plan.flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    pinned = layers_to_pin_fp32([(layer.name, layer.type.name) for layer in layers]) if plan.precision != "fp32" else []
+    for layer in layers:
+        if layer.name in pinned:
+            layer.precision = trt.float32
+            for j in range(layer.num_outputs):
+                layer.set_output_type(j, trt.float32)
+    profile = builder.create_optimization_profile()
+    profile.set_shape(plan.input_name, *profile_shapes(plan.input_chw, plan.profile))
+    config.add_optimization_profile(profile)
+    cache = config.create_timing_cache(timing_cache)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise TensorRTBuildError(f"{onnx_path}: TensorRT build failed (see the TensorRT log above)")
+    return bytes(memoryview(serialized)), bytes(memoryview(cache.serialize())), pinned
+
+
+def _trt_runner(engine_bytes: bytes) -> Any:
+    """Deserialize an engine; returns `run(x: torch.Tensor) -> torch.Tensor` on the current CUDA stream."""
+    import tensorrt as trt
+    import torch
+
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(engine_bytes)
+    if engine is None:
+        raise TensorRTBuildError("TensorRT could not deserialize the engine; rebuild it with `vitops build`")
+    context = engine.create_execution_context()
+    in_name, out_name = engine.get_tensor_name(0), engine.get_tensor_name(1)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        x = x.to("cuda", torch.float32).contiguous()
+        context.set_input_shape(in_name, tuple(x.shape))
+        out = torch.empty(tuple(context.get_tensor_shape(out_name)), device="cuda", dtype=torch.float32)
+        context.set_tensor_address(in_name, x.data_ptr())
+        context.set_tensor_address(out_name, out.data_ptr())
+        context.execute_async_v3(torch.cuda.current_stream().cuda_stream)
+        return out
+
+    run.engine = engine  # keep the engine alive as long as the runner
+    return run

@@ -1,0 +1,125 @@
+"""`vitops export`, `vitops build` and `vitops bench` end to end on a tiny model folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from flows.cli import main
+from vit.bundle import ModelMeta, save_bundle
+
+NO_CUDA = not torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import timm
+
+    meta = ModelMeta(
+        model="vit_tiny_patch16_224",
+        classes=[f"c{i}" for i in range(5)],
+        img_size=32,
+        model_kwargs={"patch_size": 8, "depth": 2},
+    )
+    torch.manual_seed(0)
+    model = timm.create_model(meta.model, pretrained=False, **meta.create_kwargs())
+    with torch.no_grad():
+        model.head.weight.mul_(20.0)  # margins like a trained model's
+    return save_bundle(model, meta, tmp_path_factory.mktemp("bundle") / "model")
+
+
+@pytest.fixture()
+def params_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    images = torch.from_numpy(np.random.default_rng(0).standard_normal((48, 3, 32, 32), dtype=np.float32))
+    monkeypatch.setattr("flows.engine_commands.validation_images", lambda params, meta, limit: images[:limit])
+    raw = {
+        "validate": {"manifest": str(tmp_path / "manifest.csv"), "report": str(tmp_path / "report.json")},
+        "export": {"out": str(tmp_path / "engines" / "model.onnx"), "parity_images": 32},
+        "engine": {
+            "out_dir": str(tmp_path / "engines"),
+            "calibration_images": 16,
+            "min_int8_top1_agreement": 0.9,
+            "trt_timing_cache": str(tmp_path / "trt.cache"),
+        },
+        "bench": {"warmup": 1, "iters": 5, "large_batch": 4, "out": str(tmp_path / "bench" / "latency.json")},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    }
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_build_then_bench_writes_engines_json_and_table(
+    model_dir: Path, params_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    engines = params_file.parent / "engines"
+    assert main(["--params", str(params_file), "build", str(model_dir)]) == 0
+    out = capsys.readouterr().out
+    if NO_CUDA:
+        assert "TensorRT skipped (no CUDA device); building the ONNX Runtime CPU engine instead" in out
+    for name in ("model.onnx", "onnxruntime/fp32.onnx", "onnxruntime/int8.onnx"):
+        assert (engines / name).is_file() and (engines / f"{name}.json").is_file()
+    assert json.loads((engines / "onnxruntime/int8.onnx.json").read_text())["precision"] == "int8-dynamic"
+
+    assert main(["--params", str(params_file), "build", str(model_dir), "--target", "onnxruntime"]) == 0
+    assert "(exported from this model)" in capsys.readouterr().out  # no second export
+
+    assert main(["--params", str(params_file), "bench", str(model_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "p50 ms" in out and "x torch-eager p50" in out and "onnxruntime-int8" in out
+    report = json.loads((params_file.parent / "bench" / "latency.json").read_text())
+    assert report["metrics"]["latency_p50_ms.onnxruntime-int8"] > 0
+    backends = {r["backend"]: r for r in report["results"]}
+    assert {"torch-eager", "onnxruntime-fp32", "onnxruntime-int8"} <= set(backends)
+    for r in backends.values():
+        assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] and r["throughput_ips"] > 0 and r["large_batch"] == 4
+    assert (params_file.parent / "bench" / "latency.txt").read_text().startswith("backend")
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="checks the refusal on machines without CUDA")
+def test_explicit_tensorrt_without_cuda_is_a_clear_error(
+    model_dir: Path, params_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--params", str(params_file), "build", str(model_dir), "--target", "tensorrt"]) == 2
+    assert "TensorRT was requested but cannot run here: no CUDA device" in capsys.readouterr().err
+    assert not (params_file.parent / "engines").exists()
+
+
+def test_export_failing_parity_is_a_clear_error_and_writes_nothing(
+    model_dir: Path, params_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = yaml.safe_load(params_file.read_text())
+    raw["export"]["max_abs_diff"] = 1e-12
+    params_file.write_text(yaml.safe_dump(raw))
+    assert main(["--params", str(params_file), "export", str(model_dir), "--exporter", "torchscript"]) == 2
+    assert "parity gate failed: onnx (torchscript)" in capsys.readouterr().err
+    assert not (params_file.parent / "engines" / "model.onnx").exists()
+
+
+def test_missing_validation_data_names_the_manifest(tmp_path: Path) -> None:
+    from flows.config import parse_params
+    from flows.engine_commands import EngineInputError, validation_images
+
+    params = parse_params({"validate": {"manifest": str(tmp_path / "none.csv")}})
+    with pytest.raises(EngineInputError, match="none.csv: no manifest; run `vitops validate` first"):
+        validation_images(params, None, 8)
+
+
+def test_bench_without_engines_says_what_to_build_and_logs_to_mlflow(
+    model_dir: Path, params_file: Path, tracking: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mlflow import MlflowClient
+
+    assert main(["--params", str(params_file), "bench", str(model_dir), "--iters", "3", "--track"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped onnxruntime-fp32" in out and "build them with `vitops build`" in out
+    run_id = out.split("logged to MLflow run ")[1].split()[0]
+    client = MlflowClient(tracking)
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["latency_p50_ms.torch-eager"] > 0
+    assert {a.path for a in client.list_artifacts(run_id, "bench")} == {"bench/latency.json", "bench/latency.txt"}
