@@ -17,11 +17,18 @@ from flows import data_commands, engine_commands, train_commands
 from flows.config import DEFAULT_PARAMS, ParamsError, load_params
 
 _GROUPS = (data_commands, train_commands, engine_commands)
-# Errors a user can fix: printed as one message without a traceback, exit code 2. Each command group
-# names the error classes of the core functions it calls in USER_ERRORS.
-_USER_ERRORS: tuple[type[BaseException], ...] = (ParamsError, FileNotFoundError, NotADirectoryError) + tuple(
-    err for group in _GROUPS for err in group.USER_ERRORS
-)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user can fix: printed as one message without a traceback, exit code 2.
+
+    Each command group names the error classes of the core functions it calls in `user_errors()`; they are
+    imported only when an error is being reported, so `vitops validate` never pays for importing torch.
+    """
+    errors: tuple[type[BaseException], ...] = (ParamsError, FileNotFoundError, NotADirectoryError)
+    for group in _GROUPS:
+        errors += group.user_errors() if hasattr(group, "user_errors") else group.USER_ERRORS
+    return errors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,12 +53,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         params = load_params(args.params)
         return int(args.handler(args, params) or 0)
-    except _USER_ERRORS as err:
-        print(f"vitops {args.command}: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"vitops {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        if not isinstance(err, _user_errors()):
+            raise
+        print(f"vitops {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -68,17 +68,21 @@ class ValidateParams(_Section):
     max_imbalance_ratio: float = Field(10.0, ge=1.0)
     reference_manifest: Path | None = None
     drift_kl_threshold: float = Field(0.1, gt=0.0)
+    max_rejected_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="share of files that may be rejected without failing the gate"
+    )
     workers: int = Field(0, ge=0, description="scanner processes; 0 = one per CPU core")
 
 
 class PretrainParams(_Section):
-    """The offline quickstart's stand-in for public pretrained weights (see README)."""
+    """The offline quickstart's stand-in for public pretrained weights (see README): a ViT pretrained on
+    generated images of rendered characters by `vitops pretrain-standin`. Not used with real hub weights."""
 
     model: str = "vit_tiny_patch16_224"
     img_size: int = Field(32, ge=8)
-    patch_size: int = Field(4, ge=1)
+    patch_size: int = Field(8, ge=1)
     depth: int = Field(6, ge=1)
-    images: int = Field(12000, ge=100)
+    images: int = Field(30000, ge=100, description="generated training images")
     epochs: int = Field(4, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0.0)
@@ -87,18 +91,19 @@ class PretrainParams(_Section):
 
 
 class TrainParams(_Section):
-    """Fine-tuning recipe; defaults suit small fine-tuning sets."""
+    """Fine-tuning recipe (vit/train.py `TrainConfig`); defaults suit small fine-tuning sets."""
 
     model: str = "vit_tiny_patch16_224"
     source: str = "file:artifacts/standin/vit_tiny_chars.safetensors"
     img_size: int = Field(32, ge=8)
-    patch_size: int | None = Field(4, ge=1)
-    depth: int | None = Field(6, ge=1)
-    epochs: int = Field(15, ge=1)
-    batch_size: int = Field(64, ge=1)
+    patch_size: int | None = Field(8, ge=1, description="None keeps the architecture's (and the weights') own")
+    depth: int | None = Field(6, ge=1, description="None keeps the architecture's own")
+    drop_path: float = Field(0.0, ge=0.0, lt=1.0)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=1, description="per process and micro-step")
     accum_steps: int = Field(1, ge=1)
-    lr: float = Field(1e-3, gt=0.0)
-    layer_decay: float = Field(0.75, gt=0.0, le=1.0)
+    lr: float = Field(2e-3, gt=0.0, description="peak lr for the effective batch")
+    layer_decay: float | None = Field(0.85, gt=0.0, le=1.0, description="None or 1.0 turns it off")
     weight_decay: float = Field(0.05, ge=0.0)
     warmup_epochs: float = Field(1.0, ge=0.0)
     min_lr: float = Field(1e-6, ge=0.0)
@@ -106,23 +111,33 @@ class TrainParams(_Section):
     mixup: float = Field(0.0, ge=0.0)
     cutmix: float = Field(0.0, ge=0.0)
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="0 turns EMA off")
+    clip_grad: float | None = Field(None, gt=0.0, description="max gradient norm; None turns clipping off")
     class_balance: Literal["none", "loss", "sampler"] = "loss"
-    patience: int = Field(5, ge=0, description="epochs without val improvement before stopping; 0 = off")
+    patience: int = Field(8, ge=0, description="epochs without val improvement before stopping; 0 = off")
     seed: int = 0
-    amp: Literal["auto", "bf16", "off"] = "auto"
+    deterministic: bool = False
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     channels_last: bool = False
     compile: bool = False
-    workers: int = Field(2, ge=0)
+    workers: int = Field(0, ge=0, description="data-loading processes per training process")
+    crop_pct: float | None = Field(1.0, gt=0.0, le=1.0, description="eval centre crop; None = the model's own")
+    scale_min: float = Field(0.8, gt=0.0, le=1.0, description="smallest RandomResizedCrop area fraction")
+    hflip: float = Field(0.0, ge=0.0, le=1.0)
+    color_jitter: float = Field(0.0, ge=0.0)
+    auto_augment: str | None = None
+    re_prob: float = Field(0.0, ge=0.0, le=1.0)
     out_dir: Path = Path("artifacts/train/vit")
 
 
 class BaselineParams(_Section):
-    """The CNN baseline trained through the same data and pipeline; uplift is measured against it."""
+    """The CNN baseline trained through the same data and pipeline; uplift is measured against it.
+    Every `train` setting not listed here (batch size, augmentation, ...) is shared."""
 
     model: str = "resnet18"
     source: str = "scratch"
     epochs: int = Field(15, ge=1)
     lr: float = Field(2e-3, gt=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
     out_dir: Path = Path("artifacts/train/baseline")
 
 
@@ -137,8 +152,11 @@ class ExportParams(_Section):
     """ONNX export and its parity gate against PyTorch on the validation split."""
 
     out: Path = Path("artifacts/engines/model.onnx")
-    opset: int = Field(18, ge=13)
-    dynamo: bool = True
+    opset: int = Field(18, ge=17, description="17+ keeps LayerNormalization one op")
+    exporter: Literal["auto", "dynamo", "torchscript"] = Field(
+        "auto", description="auto = dynamo, falling back to the TorchScript exporter when dynamo fails"
+    )
+    parity_images: int = Field(256, ge=1, description="validation images for the parity gates")
     max_abs_diff: float = Field(1e-3, gt=0.0)
     min_top1_agreement: float = Field(0.999, ge=0.0, le=1.0)
 
@@ -147,8 +165,16 @@ class EngineParams(_Section):
     """Engine builds per target: TensorRT on NVIDIA GPUs, ONNX Runtime on CPUs."""
 
     out_dir: Path = Path("artifacts/engines")
+    target: Literal["auto", "onnxruntime", "tensorrt"] = Field(
+        "auto", description="auto = TensorRT when CUDA and tensorrt are present, else ONNX Runtime"
+    )
     ort_threads: int = Field(0, ge=0, description="intra-op threads; 0 = one per physical core")
-    ort_quantization: Literal["none", "static", "dynamic"] = "static"
+    ort_quantization: Literal["none", "static", "dynamic"] = "dynamic"
+    quant_calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
+    quant_per_channel: bool = True
+    quant_exclude: list[Literal["head", "patch_embed"]] = Field(
+        default_factory=list, description="parts left in float when that recovers agreement"
+    )
     calibration_images: int = Field(256, ge=1)
     min_int8_top1_agreement: float = Field(0.99, ge=0.0, le=1.0)
     trt_precision: Literal["fp16", "int8", "fp32"] = "fp16"
@@ -172,8 +198,9 @@ class BenchParams(_Section):
     """Latency benchmark settings; the numbers feed the latency KPI."""
 
     warmup: int = Field(10, ge=0)
-    iters: int = Field(100, ge=1)
-    large_batch: int = Field(64, ge=1)
+    iters: int = Field(100, ge=1, description="timed batch-1 calls per backend")
+    large_batch: int = Field(64, ge=1, description="batch size of the throughput figure")
+    threads: int = Field(0, ge=0, description="CPU threads for torch and ONNX Runtime; 0 = physical cores")
     out: Path = Path("artifacts/bench/latency.json")
 
 

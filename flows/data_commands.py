@@ -18,12 +18,16 @@ import logging
 import sys
 from pathlib import Path
 
-from data_checks.manifest import LayoutError
-from data_checks.sample import SampleError
 from flows.config import Params
-from flows.versioning import VersioningError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (LayoutError, SampleError, VersioningError)
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Error classes of this group that are user mistakes (imported only when an error is being reported)."""
+    from data_checks.manifest import LayoutError
+    from data_checks.sample import SampleError
+    from flows.versioning import VersioningError
+
+    return (LayoutError, SampleError, VersioningError)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -15,27 +15,30 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from deploy.engine_meta import EngineMismatchError
-from deploy.export import ExportError
-from deploy.parity import ParityError
-from deploy.tensorrt import TensorRTBuildError, TensorRTUnavailable
 from flows.config import Params
-from vit.bundle import BundleError
 
 
 class EngineInputError(ValueError):
     """Inputs for an engine command are missing (no validation images, no engines to bench)."""
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    BundleError,
-    ExportError,
-    ParityError,
-    EngineMismatchError,
-    TensorRTUnavailable,
-    TensorRTBuildError,
-    EngineInputError,
-)
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Error classes of this group that are user mistakes (imported only when an error is being reported)."""
+    from deploy.engine_meta import EngineMismatchError
+    from deploy.export import ExportError
+    from deploy.parity import ParityError
+    from deploy.tensorrt import TensorRTBuildError, TensorRTUnavailable
+    from vit.bundle import BundleError
+
+    return (
+        BundleError,
+        ExportError,
+        ParityError,
+        EngineMismatchError,
+        TensorRTUnavailable,
+        TensorRTBuildError,
+        EngineInputError,
+    )
 
 # Engine files under engine.out_dir, one folder per target (each a DVC output of its own).
 ORT_FP32 = "onnxruntime/fp32.onnx"
@@ -122,7 +125,7 @@ def _export(model_dir: Path, out: Path, params: Params, exporter: str | None = N
 
 
 def _onnx_is_current(onnx_path: Path, model_dir: Path, params: Params) -> bool:
-    from deploy.engine_meta import read_meta, sha256_file
+    from deploy.engine_meta import EngineMismatchError, read_meta, sha256_file
     from vit.bundle import WEIGHTS_FILE
 
     if not onnx_path.is_file():

@@ -175,6 +175,14 @@ def git_commit(cwd: Path | str = ".") -> str:
     return f"{sha}-dirty" if dirty else sha
 
 
+def active_run() -> RunHandle | None:
+    """The MLflow run already open in this process (e.g. one a flow started), or None."""
+    import mlflow
+
+    run = mlflow.active_run()
+    return None if run is None else RunHandle(run_id=run.info.run_id, artifact_uri=run.info.artifact_uri)
+
+
 def _is_number(value: Any) -> bool:
     try:
         number = float(value)
@@ -186,3 +194,36 @@ def _is_number(value: Any) -> bool:
 def _short(value: Any, limit: int = 500) -> str:
     text = str(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def start_or_resume_run(
+    run_name: str, run_id: str | None = None, tags: Mapping[str, Any] | None = None
+) -> Iterator[RunHandle]:
+    """Continue run `run_id` when the server has it (a resumed training; evaluation logging into the run that
+    trained the model); otherwise open a new run named `run_name` with `tags`. Inside a run that is already
+    open (a flow's), the new run is its child."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    current = mlflow.active_run()
+    if current is not None and run_id in (None, current.info.run_id):
+        if run_id:
+            yield RunHandle(run_id=current.info.run_id, artifact_uri=current.info.artifact_uri)
+            return
+        child_tags = {k: str(v) for k, v in (tags or {}).items()}
+        with mlflow.start_run(run_name=run_name, nested=True, tags=child_tags) as run:
+            yield RunHandle(run_id=run.info.run_id, artifact_uri=run.info.artifact_uri)
+        return
+    if run_id:
+        try:
+            mlflow.get_run(run_id)
+        except MlflowException:
+            log.info("run %s is not on %s; opening a new run", run_id, mlflow.get_tracking_uri())
+            run_id = None
+    if not run_id:
+        with start_run(run_name, tags) as handle:
+            yield handle
+        return
+    with mlflow.start_run(run_id=run_id) as run:
+        yield RunHandle(run_id=run.info.run_id, artifact_uri=run.info.artifact_uri)

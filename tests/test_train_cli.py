@@ -1,0 +1,79 @@
+"""`vitops train`, `vitops train --baseline` and `vitops evaluate` end to end, logged to a real MLflow server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_vit_fixtures import write_digits, write_manifest, write_params, write_tiny_checkpoint
+
+from flows.cli import main
+
+
+@pytest.fixture()
+def project(tmp_path: Path) -> Path:
+    write_digits(tmp_path / "data", size=40)
+    write_manifest(tmp_path / "data", tmp_path / "manifest.csv")
+    write_tiny_checkpoint(tmp_path / "pretrained.safetensors")
+    return tmp_path
+
+
+def test_train_evaluate_log_params_metrics_artifacts_and_tags(project: Path, tracking: str) -> None:
+    from mlflow import MlflowClient
+
+    params = write_params(project, project / "data", project / "manifest.csv", project / "pretrained.safetensors")
+    assert main(["--params", str(params), "train"]) == 0
+    out = project / "out" / "vit"
+    meta = json.loads((out / "model" / "model.json").read_text())
+    assert meta["classes"] == [str(d) for d in range(10)]
+    assert meta["model_kwargs"]["patch_size"] == 8 and meta["img_size"] == 32
+    assert meta["extra"]["source"].startswith("file:")
+    run_id = meta["extra"]["mlflow_run_id"]
+
+    assert main(["--params", str(params), "evaluate"]) == 0
+    metrics = json.loads((project / "out" / "eval" / "vit" / "metrics.json").read_text())
+    assert all(isinstance(v, float) for v in metrics.values())  # flat and numeric: DVC metrics can show it
+    assert {"test_top1", "test_top5", "test_ece", "test_macro_f1", "test_f1/3"} <= set(metrics)
+    assert (project / "out" / "eval" / "vit" / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+
+    client = MlflowClient(tracking_uri=tracking)
+    run = client.get_run(run_id)
+    assert run.data.params["source"].startswith("file:") and run.data.params["layer_decay"] == "0.85"
+    assert {"data_version", "git_commit"} <= set(run.data.tags)
+    assert [m.step for m in client.get_metric_history(run_id, "val_top1")] == [0, 1]
+    assert "test_top1" in run.data.metrics
+    files = {f.path for f in client.list_artifacts(run_id, "model")}
+    assert {"model/model.json", "model/weights.safetensors"} <= files
+    assert [f.path for f in client.list_artifacts(run_id, "checkpoints")] == ["checkpoints/last.pt"]
+    plots = {f.path for f in client.list_artifacts(run_id, "evaluation")}
+    assert {"evaluation/reliability.png", "evaluation/confusion_matrix.png"} <= plots
+
+
+def test_baseline_trains_resnet_through_same_pipeline(project: Path, capsys: pytest.CaptureFixture) -> None:
+    params = write_params(project, project / "data", project / "manifest.csv", project / "pretrained.safetensors")
+    assert main(["--params", str(params), "train", "--baseline", "--no-tracking"]) == 0
+    assert main(["--params", str(params), "evaluate", "--baseline", "--no-tracking"]) == 0
+    meta = json.loads((project / "out" / "baseline" / "model" / "model.json").read_text())
+    assert meta["model"] == "resnet18" and meta["extra"]["source"] == "scratch"
+    assert "test top-1" in capsys.readouterr().out
+
+
+def test_missing_weights_fail_cleanly_and_keep_earlier_model(project: Path, capsys: pytest.CaptureFixture) -> None:
+    params = write_params(project, project / "data", project / "manifest.csv", project / "pretrained.safetensors")
+    assert main(["--params", str(params), "train", "--no-tracking", "--epochs", "1"]) == 0
+    weights = (project / "out" / "vit" / "model" / "weights.safetensors").read_bytes()
+    missing = project / "gone.safetensors"
+    code = main(["--params", str(params), "train", "--no-tracking", "--overwrite", "--source", f"file:{missing}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"file:{missing}" in err and "does not exist" in err
+    assert (project / "out" / "vit" / "model" / "weights.safetensors").read_bytes() == weights
+    code = main(["--params", str(params), "train", "--no-tracking", "--source", "hf-hub:timm/not_cached_model"])
+    assert code == 2 and "hf-hub:timm/not_cached_model" in capsys.readouterr().err
+
+
+def test_evaluate_without_a_model_says_how_to_get_one(project: Path, capsys: pytest.CaptureFixture) -> None:
+    params = write_params(project, project / "data", project / "manifest.csv", project / "pretrained.safetensors")
+    assert main(["--params", str(params), "evaluate", str(project / "nothing"), "--no-tracking"]) == 2
+    assert "vitops train" in capsys.readouterr().err

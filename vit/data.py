@@ -1,0 +1,326 @@
+"""Images listed in a table of rows (path, label, split) under a dataset root: datasets, timm transforms, loaders.
+
+The table is what the data gate hands over (`data_checks.manifest.load_usable`): one row per usable image,
+`path` relative to the root in posix form. Nothing here reads the manifest file itself, so any caller (a test,
+another data source) can pass a DataFrame. Transforms come from timm (`resolve_data_config`,
+`create_transform`); the normalisation and resize settings travel with the model in `ModelMeta`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from vit.bundle import ModelMeta
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from torch import nn
+
+SPLITS = ("train", "val", "test")
+
+
+class DataError(ValueError):
+    """Rows that cannot be used for training or evaluation; the message says which and what to do."""
+
+
+@dataclass
+class AugmentParams:
+    """Training-time augmentation passed to `timm.data.create_transform`.
+
+    Attributes:
+        scale_min: smallest crop area fraction of RandomResizedCrop (timm's 0.08 suits ImageNet, not small sets).
+        hflip: horizontal flip probability (0 for text, digits and other orientation-bound images).
+        color_jitter: colour jitter strength; 0 turns it off.
+        auto_augment: timm auto-augment policy such as `rand-m9-mstd0.5`, or None.
+        re_prob: random-erasing probability.
+    """
+
+    scale_min: float = 0.6
+    hflip: float = 0.0
+    color_jitter: float = 0.0
+    auto_augment: str | None = None
+    re_prob: float = 0.0
+
+
+def class_names(rows: pd.DataFrame, classes: Sequence[str] | None = None) -> list[str]:
+    """The class list in logit order: `classes` when given, else the sorted labels found in `rows`.
+
+    Raises:
+        DataError: if rows carry labels outside `classes`, or fewer than two classes exist.
+    """
+    found = sorted({str(label) for label in rows["label"]})
+    if classes:
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise DataError(f"labels {unknown} are not in the configured class list {list(classes)}; fix data.classes")
+        names = list(classes)
+    else:
+        names = found
+    if len(names) < 2:
+        raise DataError(f"need at least two classes to train a classifier, found {names}")
+    return names
+
+
+def split_rows(rows: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The rows of one split, in table order.
+
+    Raises:
+        DataError: if the table lacks the needed columns or has no rows for `split`.
+    """
+    missing = {"path", "label", "split"} - set(rows.columns)
+    if missing:
+        raise DataError(f"image table lacks columns {sorted(missing)}; expected path, label, split")
+    part = rows[rows["split"] == split]
+    if part.empty:
+        raise DataError(f"no usable images in the {split!r} split; check the manifest and the validation report")
+    return part.reset_index(drop=True)
+
+
+class ImageRows(Dataset):
+    """A map-style dataset over table rows; images are decoded as RGB and optionally kept in memory.
+
+    Args:
+        root: dataset root the row paths are relative to.
+        rows: table with `path` and `label` columns.
+        classes: class names in logit order.
+        transform: callable from a PIL image to a tensor.
+        cache: keep decoded images in memory (small fine-tuning sets decode once instead of every epoch).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        rows: pd.DataFrame,
+        classes: Sequence[str],
+        transform: Any = None,
+        cache: bool = True,
+    ) -> None:
+        index = {name: i for i, name in enumerate(classes)}
+        unknown = sorted({str(x) for x in rows["label"]} - set(index))
+        if unknown:
+            raise DataError(f"labels {unknown} are not among the model's classes {list(classes)}")
+        self.root = Path(root)
+        self.paths = [str(p) for p in rows["path"]]
+        self.targets = [index[str(label)] for label in rows["label"]]
+        self.transform = transform
+        self.cache = cache
+        self.seed: int | None = None  # set by the training loader together with an EpochSampler
+        self._images: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load_image(self, i: int) -> Any:
+        """The decoded RGB image of row `i`."""
+        from PIL import Image
+
+        if i in self._images:
+            return self._images[i]
+        path = self.root / self.paths[i]
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+        except OSError as err:
+            raise DataError(f"{path}: cannot read image ({err}); rerun `vitops validate` to exclude it") from err
+        if self.cache:
+            self._images[i] = img
+        return img
+
+    def preload(self) -> None:
+        """Decode every image into the cache now (before data-loading workers are forked)."""
+        for i in range(len(self)):
+            self.load_image(i)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        # An index from EpochSampler carries the epoch: augment with a seed of (seed, epoch, item), so the
+        # result does not depend on which loader worker (or how many) produced it, nor on a resume.
+        epoch, i = divmod(index, len(self))
+        img = self.load_image(i)
+        if self.transform is None:
+            return img, self.targets[i]
+        if self.seed is None:
+            return self.transform(img), self.targets[i]
+        seed = (self.seed * 1_000_003 + epoch) * 1_000_003 + i
+        state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            torch.manual_seed(seed % 2**63)
+            image = self.transform(img)
+        random.setstate(state)
+        return image, self.targets[i]
+
+
+def resolve_meta(
+    model: nn.Module,
+    model_name: str,
+    classes: Sequence[str],
+    img_size: int,
+    model_kwargs: dict[str, Any] | None = None,
+    crop_pct: float | None = None,
+    extra: dict[str, Any] | None = None,
+) -> ModelMeta:
+    """Model metadata with timm's data config (mean, std, interpolation) for `img_size`.
+
+    Args:
+        model: the network; its `pretrained_cfg` supplies the normalisation its weights expect.
+        model_name: timm architecture name.
+        classes: class names in logit order.
+        img_size: square input side.
+        model_kwargs: extra `timm.create_model` arguments needed to rebuild it.
+        crop_pct: centre-crop fraction at evaluation; None keeps timm's value for the model.
+        extra: provenance to store.
+    """
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({"input_size": (3, img_size, img_size)}, model=model)
+    return ModelMeta(
+        model=model_name,
+        classes=list(classes),
+        img_size=img_size,
+        mean=tuple(float(x) for x in cfg["mean"]),
+        std=tuple(float(x) for x in cfg["std"]),
+        interpolation=str(cfg["interpolation"]),
+        crop_pct=float(crop_pct if crop_pct is not None else cfg["crop_pct"]),
+        model_kwargs=dict(model_kwargs or {}),
+        extra=dict(extra or {}),
+    )
+
+
+def create_transforms(meta: ModelMeta, is_training: bool, augment: AugmentParams | None = None) -> Any:
+    """timm's train or eval transform for a model described by `meta`."""
+    from timm.data import create_transform
+
+    common = dict(
+        input_size=(3, meta.img_size, meta.img_size),
+        interpolation=meta.interpolation,
+        mean=meta.mean,
+        std=meta.std,
+    )
+    if not is_training:
+        return create_transform(is_training=False, crop_pct=meta.crop_pct, **common)
+    aug = augment or AugmentParams()
+    return create_transform(
+        is_training=True,
+        scale=(aug.scale_min, 1.0),
+        hflip=aug.hflip,
+        vflip=0.0,
+        color_jitter=aug.color_jitter or None,
+        auto_augment=aug.auto_augment,
+        re_prob=aug.re_prob,
+        **common,
+    )
+
+
+def create_dataset(
+    root: Path,
+    rows: pd.DataFrame,
+    meta: ModelMeta,
+    split: str,
+    augment: AugmentParams | None = None,
+    cache: bool = True,
+) -> ImageRows:
+    """The dataset of one split: training transforms for `train`, evaluation transforms otherwise."""
+    part = split_rows(rows, split)
+    transform = create_transforms(meta, is_training=split == "train", augment=augment)
+    return ImageRows(root, part, meta.classes, transform=transform, cache=cache)
+
+
+def load_split_tensors(
+    root: Path, rows: pd.DataFrame, meta: ModelMeta, split: str, limit: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split as evaluation-transformed tensors, for parity checks and INT8 calibration.
+
+    Args:
+        root: dataset root.
+        rows: image table (path, label, split).
+        meta: the model's metadata (classes, img_size, normalisation).
+        split: `train`, `val` or `test`.
+        limit: keep only the first `limit` rows of the split.
+
+    Returns:
+        Images as one float32 tensor (N, 3, H, W) and int64 labels (N,).
+    """
+    part = split_rows(rows, split)
+    if limit is not None:
+        part = part.head(limit)
+    dataset = ImageRows(root, part, meta.classes, transform=create_transforms(meta, is_training=False), cache=False)
+    images, labels = zip(*(dataset[i] for i in range(len(dataset))), strict=True)
+    return torch.stack(images).float(), torch.tensor(labels, dtype=torch.int64)
+
+
+def class_weights(targets: Sequence[int], num_classes: int) -> torch.Tensor:
+    """Inverse-frequency class weights normalised to mean 1 (absent classes get weight 0)."""
+    counts = torch.bincount(torch.as_tensor(targets, dtype=torch.int64), minlength=num_classes).float()
+    weights = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), torch.zeros_like(counts))
+    return weights * (num_classes / weights.sum().clamp(min=1e-12))
+
+
+class ShardSampler(Sampler[int]):
+    """Deterministic per-epoch order, sharded across ranks without padding.
+
+    Shuffles (or, with `weights`, draws with replacement in proportion to the weights) from a generator
+    seeded by `seed + epoch`, so every rank computes the same order and a resumed run sees the same batches;
+    rank r then takes items r, r + world, ... Used for weighted sampling and for evaluation (no shuffle),
+    where every sample must be counted exactly once across ranks.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = False,
+        weights: torch.Tensor | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.size, self.rank, self.world_size = size, rank, world_size
+        self.shuffle, self.weights, self.seed = shuffle, weights, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> list[int]:
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        if self.weights is not None:
+            return torch.multinomial(self.weights, self.size, replacement=True, generator=gen).tolist()
+        if self.shuffle:
+            return torch.randperm(self.size, generator=gen).tolist()
+        return list(range(self.size))
+
+    def __iter__(self):
+        return iter(self._order()[self.rank :: self.world_size])
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.size, self.world_size))
+
+
+class EpochSampler(Sampler[int]):
+    """Wraps a sampler with `set_epoch` and yields `epoch * size + index`, so the dataset knows the epoch
+    even in persistent loader workers (see `ImageRows.__getitem__`)."""
+
+    def __init__(self, inner: Any, size: int) -> None:
+        self.inner, self.size, self.epoch = inner, size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.inner.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        return (self.epoch * self.size + i for i in self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+def sample_weights(targets: Sequence[int], num_classes: int) -> torch.Tensor:
+    """Per-sample weights that make every class equally likely under weighted sampling."""
+    per_class = class_weights(targets, num_classes)
+    return per_class[torch.as_tensor(targets, dtype=torch.int64)].double()
