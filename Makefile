@@ -30,7 +30,7 @@ setup: $(STAMP) ## create .venv and install vitops with its pinned dependencies
 run: $(STAMP) ## the main job on embedded defaults: sample data -> DVC version -> validate -> pipeline
 	$(BIN)/vitops data sample $(SAMPLE_DIR)
 	$(BIN)/vitops data import $(SAMPLE_DIR)
-	$(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 test: $(STAMP) ## run the test suite (offline, starts its own MLflow server)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
@@ -45,6 +45,13 @@ format: $(STAMP) ## apply ruff fixes and formatting
 
 bench-validate: $(STAMP) ## validation throughput against a plain Pillow decode loop
 	$(BIN)/python bench/validate_throughput.py
+
+TIMM_REPO ?= ../pytorch-image-models
+bench-train: $(STAMP) ## training images/s against timm's train.py (TIMM_REPO=path to a timm checkout)
+	$(BIN)/python bench/train_throughput.py --timm-repo $(TIMM_REPO)
+
+bench-latency: $(STAMP) ## ONNX Runtime FP32/INT8 against torch eager, quickstart ViT and ViT-S/16
+	$(BIN)/python bench/latency_targets.py
 
 clean: ## remove build outputs (keeps .venv, data and the DVC cache)
 	rm -rf build artifacts .pytest_cache .ruff_cache

@@ -27,7 +27,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """
     errors: tuple[type[BaseException], ...] = (ParamsError, FileNotFoundError, NotADirectoryError)
     for group in _GROUPS:
-        errors += group.user_errors() if hasattr(group, "user_errors") else group.USER_ERRORS
+        errors += group.user_errors()
     return errors
 
 

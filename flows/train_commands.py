@@ -22,13 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from flows.config import Params
-from flows.tracking import TrackingError
-from vit.bundle import BundleError
-from vit.checkpoint import CheckpointError
-from vit.data import DataError
-from vit.sources import SourceError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (SourceError, DataError, CheckpointError, BundleError, TrackingError)
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Error classes of this group that are user mistakes (imported only when an error is being reported)."""
+    from flows.tracking import TrackingError
+    from vit.bundle import BundleError
+    from vit.checkpoint import CheckpointError
+    from vit.data import DataError
+    from vit.sources import SourceError
+
+    return (SourceError, DataError, CheckpointError, BundleError, TrackingError)
 
 log = logging.getLogger(__name__)
 
