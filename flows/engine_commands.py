@@ -40,6 +40,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         EngineInputError,
     )
 
+
 # Engine files under engine.out_dir, one folder per target (each a DVC output of its own).
 ORT_FP32 = "onnxruntime/fp32.onnx"
 ORT_INT8 = "onnxruntime/int8.onnx"

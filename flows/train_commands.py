@@ -34,6 +34,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     return (SourceError, DataError, CheckpointError, BundleError, TrackingError)
 
+
 log = logging.getLogger(__name__)
 
 # Small fine-tuning sets are decoded once and kept in memory; larger ones are decoded every epoch.

@@ -77,3 +77,33 @@ def test_evaluate_without_a_model_says_how_to_get_one(project: Path, capsys: pyt
     params = write_params(project, project / "data", project / "manifest.csv", project / "pretrained.safetensors")
     assert main(["--params", str(params), "evaluate", str(project / "nothing"), "--no-tracking"]) == 2
     assert "vitops train" in capsys.readouterr().err
+
+
+def test_fine_tunes_from_a_registered_model_alias(project: Path, tracking: str) -> None:
+    """Retraining from the serving model: `mlflow:models:/<name>@<alias>` resolves to the registered folder."""
+    from flows import tracking as mlflow_io
+
+    params = write_params(project, project / "data", project / "manifest.csv", project / "pretrained.safetensors")
+    assert main(["--params", str(params), "train", "--no-tracking", "--epochs", "1"]) == 0
+    first = project / "out" / "vit" / "model"
+    mlflow_io.configure(tracking, "registry-source")
+    with mlflow_io.start_run("register-first") as run:
+        version = mlflow_io.register_model(run, first, "digits-vit")
+    mlflow_io.set_alias("digits-vit", "champion", version)
+
+    out = project / "retrained"
+    code = main(
+        ["--params", str(params), "train", "--no-tracking", "--epochs", "1", "--out-dir", str(out),
+         "--source", "mlflow:models:/digits-vit@champion"]
+    )  # fmt: skip
+    assert code == 0
+    meta = json.loads((out / "model" / "model.json").read_text())
+    assert meta["extra"]["source"] == "mlflow:models:/digits-vit@champion"
+    assert (first / "weights.safetensors").is_file()  # the registered model's folder is left as it was
+
+    missing = main(
+        ["--params", str(params), "train", "--no-tracking", "--overwrite", "--out-dir", str(out),
+         "--source", "mlflow:models:/digits-vit@no-such-alias"]
+    )  # fmt: skip
+    assert missing == 2
+    assert (out / "model" / "weights.safetensors").is_file()  # a failed retrain keeps the earlier model

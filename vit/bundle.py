@@ -8,14 +8,14 @@ pickles: weights are safetensors and everything needed to rebuild the network is
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from vit.checkpoint import atomic_write
 
 WEIGHTS_FILE = "weights.safetensors"
 META_FILE = "model.json"
@@ -74,9 +74,9 @@ def save_bundle(model: nn.Module, meta: ModelMeta, out_dir: Path) -> Path:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(out_dir / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
+    atomic_write(out_dir / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
     text = json.dumps(asdict(meta), indent=2, sort_keys=True)
-    _atomic_write(out_dir / META_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(out_dir / META_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return out_dir
 
 
@@ -109,14 +109,3 @@ def load_bundle(bundle_dir: Path, device: str | torch.device = "cpu") -> tuple[n
     except RuntimeError as err:
         raise BundleError(f"{weights}: weights do not match {meta.model} as described in {META_FILE}: {err}") from err
     return model.to(device).eval(), meta
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
