@@ -46,7 +46,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="default: the preset's")
     p.add_argument("--epochs", type=int, default=3, help="epochs per trainer; the first is warm-up")
     p.add_argument("--train-images", type=int, default=1280, help="training images (a multiple of the batch size)")
-    p.add_argument("--repeats", type=int, default=2, help="runs per trainer, alternating; the median is reported")
+    p.add_argument("--repeats", type=int, default=3, help="runs per trainer, alternating; the median is reported")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch/OpenMP threads of each trainer")
     p.add_argument(
         "--workers", type=int, default=None, help="loader workers (default: 1 on CPU, 8 on CUDA; timm needs >= 1)"
