@@ -11,6 +11,7 @@ from test_vit_fixtures import write_digits
 
 from vit.bundle import ModelMeta
 from vit.data import (
+    AugmentParams,
     DataError,
     ShardSampler,
     class_names,
@@ -109,3 +110,17 @@ def test_seeded_augmentation_depends_on_epoch_and_item_only(digits: tuple[Path, 
     state = torch.get_rng_state()
     train[2 * n + 3]
     assert torch.equal(torch.get_rng_state(), state)  # and the caller's RNG is left alone
+
+
+def test_rand_augment_is_seeded_per_item_too(digits: tuple[Path, pd.DataFrame]) -> None:
+    """timm's RandAugment draws from NumPy's global generator: that must not break resume either."""
+    import numpy as np
+
+    root, rows = digits
+    train = create_dataset(root, rows, _meta(), "train", AugmentParams(auto_augment="rand-m9-mstd0.5"))
+    train.seed = 0
+    first = train[5][0]
+    np.random.seed(99)
+    state = np.random.get_state()[1].copy()
+    assert torch.equal(train[5][0], first)
+    assert np.array_equal(np.random.get_state()[1], state)  # the caller's NumPy state is left alone

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
@@ -112,6 +113,9 @@ class ImageRows(Dataset):
         self.transform = transform
         self.cache = cache
         self.seed: int | None = None  # set by the training loader together with an EpochSampler
+        # timm's RandAugment/AugMix draw from NumPy's global generator; seeding it per image costs ~70 us,
+        # so it is done only when such a transform is in use (set by `create_dataset`).
+        self.seed_numpy = False
         self._images: dict[int, Any] = {}
 
     def __len__(self) -> int:
@@ -153,13 +157,18 @@ class ImageRows(Dataset):
         # backend, which costs ~100 us per call: more than the whole transform of a small image.
         generator = torch.default_generator
         py_state, torch_state = random.getstate(), generator.get_state()
+        np_state = np.random.get_state() if self.seed_numpy else None
         try:
             random.seed(seed)
             generator.manual_seed(seed % 2**63)
+            if np_state is not None:
+                np.random.seed(seed % 2**32)
             image = self.transform(img)
         finally:
             random.setstate(py_state)
             generator.set_state(torch_state)
+            if np_state is not None:
+                np.random.set_state(np_state)
         return image, self.targets[i]
 
 
@@ -235,7 +244,9 @@ def create_dataset(
     """The dataset of one split: training transforms for `train`, evaluation transforms otherwise."""
     part = split_rows(rows, split)
     transform = create_transforms(meta, is_training=split == "train", augment=augment)
-    return ImageRows(root, part, meta.classes, transform=transform, cache=cache)
+    dataset = ImageRows(root, part, meta.classes, transform=transform, cache=cache)
+    dataset.seed_numpy = split == "train" and bool(augment and augment.auto_augment)
+    return dataset
 
 
 def load_split_tensors(
