@@ -102,7 +102,7 @@ class TrainParams(_Section):
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(64, ge=1, description="per process and micro-step")
     accum_steps: int = Field(1, ge=1)
-    lr: float = Field(2e-3, gt=0.0, description="peak lr for the effective batch")
+    lr: float = Field(1e-3, gt=0.0, description="peak lr for the effective batch")
     layer_decay: float | None = Field(0.85, gt=0.0, le=1.0, description="None or 1.0 turns it off")
     weight_decay: float = Field(0.05, ge=0.0)
     warmup_epochs: float = Field(1.0, ge=0.0)
@@ -113,7 +113,7 @@ class TrainParams(_Section):
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="0 turns EMA off")
     clip_grad: float | None = Field(None, gt=0.0, description="max gradient norm; None turns clipping off")
     class_balance: Literal["none", "loss", "sampler"] = "loss"
-    patience: int = Field(8, ge=0, description="epochs without val improvement before stopping; 0 = off")
+    patience: int = Field(12, ge=0, description="epochs without val improvement before stopping; 0 = off")
     seed: int = 0
     deterministic: bool = False
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
