@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -85,7 +83,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None] | Iterable[bytes] | bytes) -> Path:
-    """Write `path` through a temp file in the same folder and `os.replace`.
+    """Write `path` through a temp file in the same folder and `os.replace` (`vit.checkpoint.atomic_write`).
 
     Args:
         path: final file.
@@ -93,12 +91,10 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None] | Iterable[bytes]
 
     Any exception, KeyboardInterrupt included, removes the temp file and leaves an existing `path` as it was.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; published files get the usual mode
-        with os.fdopen(fd, "wb") as fh:
+    from vit.checkpoint import atomic_write as write_through_temp
+
+    def _write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
             if callable(write):
                 write(fh)
             elif isinstance(write, bytes | bytearray | memoryview):
@@ -106,19 +102,11 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None] | Iterable[bytes]
             else:
                 for chunk in write:
                     fh.write(chunk)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_through_temp(path, _write)
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def atomic_copy(src: Path, dst: Path) -> Path:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -300,10 +299,11 @@ def _write_outputs(model: Any, meta: Any, result: Any, out_dir: Path) -> Path:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
+    from vit.checkpoint import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def cmd_evaluate(args: argparse.Namespace, params: Params) -> int:
