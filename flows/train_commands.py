@@ -14,6 +14,7 @@ vitops evaluate [MODEL_DIR] [--baseline] [--out DIR] [--data DIR] [--no-tracking
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import tempfile
@@ -96,8 +97,16 @@ def cmd_pretrain_standin(args: argparse.Namespace, params: Params) -> int:
     return 0
 
 
+def _same_named(cls: type, section: Any) -> dict[str, Any]:
+    """The values of `section` (a params.yaml section) for the fields of dataclass `cls` that share their names."""
+    names = type(section).model_fields
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(cls) if f.name in names}
+
+
 def _recipe(params: Params, baseline: bool) -> dict[str, Any]:
     """Model, source and TrainConfig settings of the ViT or the baseline run."""
+    from vit.train import TrainConfig
+
     t = params.train
     recipe = {
         "model": t.model,
@@ -105,29 +114,7 @@ def _recipe(params: Params, baseline: bool) -> dict[str, Any]:
         "img_size": t.img_size,
         "model_kwargs": {"patch_size": t.patch_size, "depth": t.depth, "drop_path_rate": t.drop_path},
         "out_dir": t.out_dir,
-        "config": dict(
-            epochs=t.epochs,
-            batch_size=t.batch_size,
-            accum_steps=t.accum_steps,
-            lr=t.lr,
-            layer_decay=t.layer_decay,
-            weight_decay=t.weight_decay,
-            warmup_epochs=t.warmup_epochs,
-            min_lr=t.min_lr,
-            label_smoothing=t.label_smoothing,
-            mixup=t.mixup,
-            cutmix=t.cutmix,
-            ema_decay=t.ema_decay,
-            class_balance=t.class_balance,
-            patience=t.patience,
-            clip_grad=t.clip_grad,
-            seed=t.seed,
-            amp=t.amp,
-            channels_last=t.channels_last,
-            compile=t.compile,
-            workers=t.workers,
-            deterministic=t.deterministic,
-        ),
+        "config": _same_named(TrainConfig, t),
     }
     if baseline:
         b = params.baseline
@@ -199,13 +186,7 @@ def cmd_train(args: argparse.Namespace, params: Params) -> int:
         meta = resolve_meta(
             model, arch, classes, recipe["img_size"], kwargs, crop_pct=params.train.crop_pct, extra=extra
         )
-        augment = AugmentParams(
-            scale_min=params.train.scale_min,
-            hflip=params.train.hflip,
-            color_jitter=params.train.color_jitter,
-            auto_augment=params.train.auto_augment,
-            re_prob=params.train.re_prob,
-        )
+        augment = AugmentParams(**_same_named(AugmentParams, params.train))
         cache = _fits_in_memory(rows)
         train_set = create_dataset(root, rows, meta, "train", augment, cache=cache)
         val_set = create_dataset(root, rows, meta, "val", cache=cache)
