@@ -163,16 +163,22 @@ def cmd_build(args: argparse.Namespace, params: Params) -> int:
     return _build_onnxruntime(model_dir, onnx_path, params, args.quantization or params.engine.ort_quantization)
 
 
-def _build_onnxruntime(model_dir: Path, onnx_path: Path, params: Params, quantization: str) -> int:
-    from deploy.onnxrt import QuantSettings, build_ort_engine
-    from deploy.parity import torch_logits
+def _gate_inputs(model_dir: Path, params: Params) -> tuple[Any, Any, Any]:
+    """The PyTorch model, its parity images and its INT8 calibration images (one read of the val split)."""
     from vit.bundle import load_bundle
 
     model, meta = load_bundle(model_dir)
+    images = validation_images(params, meta, max(params.export.parity_images, params.engine.calibration_images))
+    images = images.numpy()
+    return model, images[: params.export.parity_images], images[: params.engine.calibration_images]
+
+
+def _build_onnxruntime(model_dir: Path, onnx_path: Path, params: Params, quantization: str) -> int:
+    from deploy.onnxrt import QuantSettings, build_ort_engine
+    from deploy.parity import torch_logits
+
     e = params.engine
-    limit = max(params.export.parity_images, e.calibration_images)
-    images = validation_images(params, meta, limit).numpy()
-    parity, calibration = images[: params.export.parity_images], images[: e.calibration_images]
+    model, parity, calibration = _gate_inputs(model_dir, params)
     reference = torch_logits(model, parity)
     path, report = build_ort_engine(
         onnx_path,
@@ -215,19 +221,16 @@ def _build_tensorrt(model_dir: Path, onnx_path: Path, params: Params, precision:
     from deploy.onnxrt import QuantSettings, quantize_onnx
     from deploy.parity import compare_logits, require_parity, torch_logits
     from deploy.tensorrt import build_trt_engine, load_trt_engine, make_plan, runtime_meta
-    from vit.bundle import load_bundle
 
     e = params.engine
     runtime = runtime_meta()
-    model, meta = load_bundle(model_dir)
-    images = validation_images(params, meta, max(params.export.parity_images, e.calibration_images)).numpy()
-    parity = images[: params.export.parity_images]
+    model, parity, calibration = _gate_inputs(model_dir, params)
     source = onnx_path
     if precision == "int8":
         # Explicit quantization: symmetric INT8 Q/DQ calibrated on validation images, built by TensorRT.
         source = e.out_dir / TRT_DIR / "model_qdq.onnx"
         quant = QuantSettings(mode="static", activation_symmetric=True, calibrate_method=e.quant_calibration)
-        quantize_onnx(onnx_path, source, quant, images[: e.calibration_images])
+        quantize_onnx(onnx_path, source, quant, calibration)
     plan = make_plan(
         source,
         precision,
