@@ -124,3 +124,29 @@ def test_rand_augment_is_seeded_per_item_too(digits: tuple[Path, pd.DataFrame]) 
     state = np.random.get_state()[1].copy()
     assert torch.equal(train[5][0], first)
     assert np.array_equal(np.random.get_state()[1], state)  # the caller's NumPy state is left alone
+
+
+@pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "v0", "augmix-m5-w4-d2"])
+def test_strongest_posterize_draw_keeps_the_image_instead_of_crashing(policy: str) -> None:
+    """timm asks for 0 posterize bits (`inc1` at magnitude 10, `v0` at 0), which Pillow 11 rejects mid-run."""
+    from PIL import Image
+    from timm.data import auto_augment
+
+    from vit.data import create_transforms
+
+    transform = create_transforms(_meta(), is_training=True, augment=AugmentParams(auto_augment=policy))
+    policy_t = next(t for t in transform.transforms if hasattr(t, "ops") or hasattr(t, "policy"))
+    ops = list(getattr(policy_t, "ops", [])) + [op for sub in getattr(policy_t, "policy", []) for op in sub]
+    posterize = [op for op in ops if op.name.startswith("Posterize")]
+    assert posterize, f"{policy} has no posterize op"
+    img = Image.new("RGB", (32, 32), (200, 120, 40))
+    zero_bit_draws = 0
+    for op in posterize:
+        for magnitude in (0.0, auto_augment._LEVEL_DENOM):
+            op.prob, op.magnitude, op.magnitude_std = 1.0, magnitude, 0.0
+            out = op(img)
+            assert out.size == img.size
+            if op.level_fn(op.magnitude, op.hparams)[0] < 1:  # used to raise: keeps the top bit instead
+                zero_bit_draws += 1
+                assert out.getpixel((0, 0)) == auto_augment.ImageOps.posterize(img, 1).getpixel((0, 0))
+    assert zero_bit_draws

@@ -221,7 +221,7 @@ def create_transforms(meta: ModelMeta, is_training: bool, augment: AugmentParams
     if not is_training:
         return create_transform(is_training=False, crop_pct=meta.crop_pct, **common)
     aug = augment or AugmentParams()
-    return create_transform(
+    transform = create_transform(
         is_training=True,
         scale=(aug.scale_min, 1.0),
         hflip=aug.hflip,
@@ -231,6 +231,29 @@ def create_transforms(meta: ModelMeta, is_training: bool, augment: AugmentParams
         re_prob=aug.re_prob,
         **common,
     )
+    _keep_posterize_bits(transform)
+    return transform
+
+
+def _keep_posterize_bits(transform: Any) -> None:
+    """Make timm's Posterize ops keep at least one bit per channel.
+
+    timm maps the highest magnitudes of `rand-...-inc1` (and some AutoAugment sub-policies) to 0 bits, which
+    Pillow 11 rejects with `ValueError: bits must be between or equal to 1 and 8`, hours into a run, at the
+    first unlucky draw (older Pillow returned a black image). Keeping 1 bit is the strongest posterize that
+    still shows the image.
+    """
+    from timm.data import auto_augment
+
+    def at_least_one_bit(img: Any, bits: int, **kwargs: Any) -> Any:
+        return auto_augment.posterize(img, max(1, int(bits)), **kwargs)
+
+    for t in getattr(transform, "transforms", []):
+        ops = list(getattr(t, "ops", []))
+        ops += [op for sub_policy in getattr(t, "policy", []) for op in sub_policy]
+        for op in ops:
+            if getattr(op, "aug_fn", None) is auto_augment.posterize:
+                op.aug_fn = at_least_one_bit
 
 
 def create_dataset(
