@@ -38,6 +38,7 @@ class BenchResult:
     iters: int
     device: str = "cpu"
     note: str = ""
+    threads: int = 0
 
 
 def percentiles_ms(seconds: list[float]) -> tuple[float, float, float]:
@@ -81,6 +82,7 @@ def bench_backends(
     throughput_rounds: int = 3,
     device: str = "cpu",
     notes: dict[str, str] | None = None,
+    threads: dict[str, int] | None = None,
 ) -> list[BenchResult]:
     """Create each backend, then time them in interleaved rounds.
 
@@ -94,6 +96,7 @@ def bench_backends(
         throughput_rounds: timed large-batch calls per backend.
         device: `cpu` (RSS growth) or `cuda` (torch peak allocated memory).
         notes: per-backend remarks for the table (e.g. random weights).
+        threads: per-backend CPU thread counts, recorded with the results.
     """
     import psutil
 
@@ -155,6 +158,7 @@ def bench_backends(
                 iters=iters,
                 device=device,
                 note=notes.get(name, ""),
+                threads=(threads or {}).get(name, 0),
             )
         )
     return results
@@ -162,6 +166,49 @@ def bench_backends(
 
 def _settle(seconds: float = 0.02) -> None:
     time.sleep(seconds)
+
+
+def thread_candidates(cores: int) -> list[int]:
+    """Thread counts worth trying on `cores` physical cores: 1, 2, 4, ... and `cores` itself."""
+    candidates = {cores}
+    n = 1
+    while n < cores:
+        candidates.add(n)
+        n *= 2
+    return sorted(candidates)
+
+
+def tune_threads(
+    make_runner: Callable[[int], Runner], image: np.ndarray, candidates: list[int], iters: int = 30, rounds: int = 3
+) -> tuple[int, dict[int, float]]:
+    """The intra-op thread count with the lowest batch-1 p50 latency, and the p50 (ms) of every candidate.
+
+    More threads are not always faster: a small model's operators are too short to split, and every call
+    then pays for waking and joining the workers (on this project's 2-core CPU the quickstart ViT's INT8
+    engine runs 1.6x faster on one thread than on two). The candidates are timed in interleaved rounds.
+
+    Args:
+        make_runner: thread count -> runner (one session or model setting per count).
+        image: a preprocessed batch of size 1.
+        candidates: thread counts to try (see `thread_candidates`).
+        iters: timed calls per candidate and round.
+        rounds: interleaved rounds.
+    """
+    runners = {n: make_runner(n) for n in candidates}
+    times: dict[int, list[float]] = {n: [] for n in candidates}
+    for n, run in runners.items():
+        for _ in range(5):
+            run(image)
+    for _ in range(rounds):
+        for n, run in runners.items():
+            _settle()
+            run(image)
+            for _ in range(iters):
+                start = time.perf_counter()
+                run(image)
+                times[n].append(time.perf_counter() - start)
+    p50 = {n: float(np.median(t) * 1e3) for n, t in times.items()}
+    return min(p50, key=p50.__getitem__), p50
 
 
 def torch_runner(model: Any, device: str = "cpu", compile: bool = False, threads: int = 0) -> Runner:
@@ -172,13 +219,14 @@ def torch_runner(model: Any, device: str = "cpu", compile: bool = False, threads
     """
     import torch
 
-    if threads and device == "cpu":
-        torch.set_num_threads(threads)
     model = model.eval().to(device)
     if compile:
         model = torch.compile(model, mode="reduce-overhead" if device == "cuda" else "default")
 
     def run(images: np.ndarray) -> Any:
+        # torch's thread count is per process: set it on each call, as runners with other counts may run between.
+        if threads and device == "cpu" and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         with torch.inference_mode():
             x = torch.from_numpy(images).to(device)
             if device == "cuda":
@@ -192,10 +240,10 @@ def torch_runner(model: Any, device: str = "cpu", compile: bool = False, threads
 
 
 def ort_runner(path: Path, threads: int = 0) -> Runner:
-    """A runner for an ONNX Runtime CPU engine."""
-    from deploy.onnxrt import create_session
+    """A runner for an ONNX Runtime CPU engine; `threads` 0 = the count tuned when the engine was built."""
+    from deploy.onnxrt import create_session, engine_threads
 
-    session = create_session(path, threads)
+    session = create_session(path, threads or engine_threads(path))
     name = session.get_inputs()[0].name
     return lambda images: session.run(None, {name: images})[0]
 
@@ -220,11 +268,13 @@ def format_table(results: list[BenchResult], reference: str | None = None) -> st
     """A plain-text table; `reference` adds a column with each p50 as a multiple of that backend's."""
     ref = next((r for r in results if r.backend == reference), None)
     header = ["backend", "p50 ms", "p95 ms", "p99 ms", f"x {reference} p50" if ref else "", "img/s @batch", "peak MB"]
+    header.insert(1, "threads")
     rows = []
     for r in results:
         rows.append(
             [
                 r.backend,
+                str(r.threads) if r.threads else "-",
                 f"{r.p50_ms:.2f}",
                 f"{r.p95_ms:.2f}",
                 f"{r.p99_ms:.2f}",
@@ -235,8 +285,8 @@ def format_table(results: list[BenchResult], reference: str | None = None) -> st
             + ([r.note] if r.note else [])
         )
     if not ref:
-        header.pop(4)
-        rows = [row[:4] + row[5:] for row in rows]
+        header.pop(5)
+        rows = [row[:5] + row[6:] for row in rows]
     widths = [max(len(str(row[i])) for row in [header, *rows] if i < len(row)) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=False)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))

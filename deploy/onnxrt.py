@@ -118,6 +118,19 @@ def create_session(path: Path, threads: int = 0, opt_level: OptLevel = "all") ->
     return ort.InferenceSession(str(path), session_options(threads, opt_level), providers=["CPUExecutionProvider"])
 
 
+def engine_threads(path: Path) -> int:
+    """The intra-op thread count an engine was tuned for at build time (`vitops build`); 0 when it has none
+    (no metadata, or built before tuning existed), which `create_session` reads as one per physical core."""
+    from deploy.engine_meta import EngineMismatchError, meta_path, read_meta
+
+    if not meta_path(Path(path)).is_file():
+        return 0
+    try:
+        return int(read_meta(Path(path)).extra.get("threads") or 0)
+    except (EngineMismatchError, TypeError, ValueError):
+        return 0
+
+
 def session_logits(session: Any, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Run a session over images in batches; returns float32 logits."""
     name = session.get_inputs()[0].name
@@ -294,7 +307,8 @@ def build_ort_engine(
         reference: PyTorch FP32 logits of `images`.
         precision: `fp32` (graph-optimised) or `int8` (quantized with `quant`).
         quant: quantization settings for `int8`.
-        threads: intra-op threads for the parity run; 0 = physical cores.
+        threads: intra-op threads for serving; 0 = tune: time batch-1 latency on 1, 2, 4 ... physical cores
+            and record the fastest in the engine metadata, where `vitops bench` and `ort_runner` find it.
         min_top1_agreement: parity threshold.
         max_abs_diff: parity threshold on logits (FP32 only; None to skip).
         calibration: images for static calibration (defaults to `images`).
@@ -303,6 +317,8 @@ def build_ort_engine(
         ParityError: the engine disagrees with PyTorch; nothing is written and an older engine stays.
     """
     import onnxruntime as ort
+
+    from deploy.latency import ort_runner, thread_candidates, tune_threads
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -317,6 +333,12 @@ def build_ort_engine(
             label = f"onnxruntime-int8-{quant.mode}"
         logits = session_logits(create_session(candidate, threads), images)
         report = require_parity(compare_logits(reference, logits, label, min_top1_agreement, max_abs_diff))
+        serving = {"threads": threads, "thread_p50_ms": None}
+        if not threads:
+            candidates = thread_candidates(physical_cores())
+            best, p50 = tune_threads(lambda n: ort_runner(candidate, n), images[:1], candidates)
+            serving = {"threads": best, "thread_p50_ms": {str(n): round(ms, 4) for n, ms in p50.items()}}
+            log.info("%s: batch-1 p50 by threads %s ms; serving with %d", label, serving["thread_p50_ms"], best)
         meta = EngineMeta(
             target="onnxruntime",
             precision="fp32" if precision == "fp32" else f"int8-{quant.mode}",
@@ -325,7 +347,11 @@ def build_ort_engine(
             device=cpu_name(),
             vitops_version=vitops_version(),
             created=utc_now(),
-            extra={"parity": report.as_dict(), "quantization": asdict(quant) if precision == "int8" else None},
+            extra={
+                "parity": report.as_dict(),
+                "quantization": asdict(quant) if precision == "int8" else None,
+                **serving,
+            },
         )
         atomic_copy(candidate, out)
         write_meta(out, meta)

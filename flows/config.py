@@ -168,7 +168,9 @@ class EngineParams(_Section):
     target: Literal["auto", "onnxruntime", "tensorrt"] = Field(
         "auto", description="auto = TensorRT when CUDA and tensorrt are present, else ONNX Runtime"
     )
-    ort_threads: int = Field(0, ge=0, description="intra-op threads; 0 = one per physical core")
+    ort_threads: int = Field(
+        0, ge=0, description="intra-op threads; 0 = tuned at build: the fastest of 1, 2, 4 ... physical cores"
+    )
     ort_quantization: Literal["none", "static", "dynamic"] = "dynamic"
     quant_calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
     quant_per_channel: bool = True
@@ -200,7 +202,11 @@ class BenchParams(_Section):
     warmup: int = Field(10, ge=0)
     iters: int = Field(100, ge=1, description="timed batch-1 calls per backend")
     large_batch: int = Field(64, ge=1, description="batch size of the throughput figure")
-    threads: int = Field(0, ge=0, description="CPU threads for torch and ONNX Runtime; 0 = physical cores")
+    threads: int = Field(
+        0,
+        ge=0,
+        description="CPU threads for torch and ONNX Runtime; 0 = each at its fastest (engines: as tuned at build)",
+    )
     out: Path = Path("artifacts/bench/latency.json")
 
 

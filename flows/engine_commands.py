@@ -269,20 +269,33 @@ def cmd_bench(args: argparse.Namespace, params: Params) -> int:
         format_table,
         kpi_metrics,
         ort_runner,
+        thread_candidates,
         torch_runner,
         trt_runner,
+        tune_threads,
         write_report,
     )
-    from deploy.onnxrt import cpu_name, physical_cores
+    from deploy.onnxrt import cpu_name, engine_threads, physical_cores
     from vit.bundle import load_bundle
 
     model_dir = model_folder(args.model_dir, params)
     model, meta = load_bundle(model_dir)
     b, engines = params.bench, params.engine.out_dir
-    threads = b.threads or physical_cores()
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    factories: dict[str, Any] = {"torch-eager": lambda: torch_runner(model, device, threads=threads)}
+    rng = np.random.default_rng(0)
+    shape = (3, meta.img_size, meta.img_size)
+    image = rng.standard_normal((1, *shape), dtype=np.float32)
+    batch = rng.standard_normal((b.large_batch, *shape), dtype=np.float32)
+    threads: dict[str, int] = {}
+    if b.threads:
+        threads["torch-eager"] = b.threads
+    elif not cuda:  # each backend at its fastest: torch is tuned here, engines were tuned at build
+        best, p50 = tune_threads(lambda n: torch_runner(model, threads=n), image, thread_candidates(physical_cores()))
+        threads["torch-eager"] = best
+        print(f"torch eager batch-1 p50 by threads: {', '.join(f'{n}: {ms:.2f} ms' for n, ms in p50.items())}")
+    eager_threads = threads.get("torch-eager", 0)
+    factories: dict[str, Any] = {"torch-eager": lambda: torch_runner(model, device, threads=eager_threads)}
     skipped = []
     if cuda:
         factories["torch-compile"] = lambda: torch_runner(model, device, compile=True)
@@ -294,21 +307,18 @@ def cmd_bench(args: argparse.Namespace, params: Params) -> int:
                 skipped.append(f"tensorrt-{precision} (no {path})")
     for name, file in (("onnxruntime-fp32", ORT_FP32), ("onnxruntime-int8", ORT_INT8)):
         if (engines / file).is_file():
-            factories[name] = lambda path=engines / file: ort_runner(path, threads)
+            threads[name] = b.threads or engine_threads(engines / file) or physical_cores()
+            factories[name] = lambda path=engines / file, n=threads[name]: ort_runner(path, n)
         else:
             skipped.append(f"{name} (no {engines / file})")
     if skipped:
         print(f"vitops bench: skipped {', '.join(skipped)}; build them with `vitops build`")
-    rng = np.random.default_rng(0)
-    shape = (3, meta.img_size, meta.img_size)
-    image = rng.standard_normal((1, *shape), dtype=np.float32)
-    batch = rng.standard_normal((b.large_batch, *shape), dtype=np.float32)
-    results = bench_backends(factories, image, batch, b.warmup, args.iters or b.iters, device=device)
+    results = bench_backends(factories, image, batch, b.warmup, args.iters or b.iters, device=device, threads=threads)
     for result in results:
         if result.backend.startswith("onnxruntime"):
             result.device = "cpu"  # ONNX Runtime engines run on the CPU even on a GPU machine
     table = format_table(results, reference="torch-eager")
-    host = torch.cuda.get_device_name() if cuda else f"{cpu_name()}, {threads} threads"
+    host = torch.cuda.get_device_name() if cuda else f"{cpu_name()}, {physical_cores()} physical cores"
     print(f"latency of {meta.model} at {meta.img_size}px on {host}\n{table}")
     report = bench_report(
         results,

@@ -64,7 +64,11 @@ def test_build_then_bench_writes_engines_json_and_table(
         assert "TensorRT skipped (no CUDA device); building the ONNX Runtime CPU engine instead" in out
     for name in ("model.onnx", "onnxruntime/fp32.onnx", "onnxruntime/int8.onnx"):
         assert (engines / name).is_file() and (engines / f"{name}.json").is_file()
-    assert json.loads((engines / "onnxruntime/int8.onnx.json").read_text())["precision"] == "int8-dynamic"
+    int8_meta = json.loads((engines / "onnxruntime/int8.onnx.json").read_text())
+    assert int8_meta["precision"] == "int8-dynamic"
+    # serving threads were tuned at build: the fastest measured count is the one recorded
+    tuned = {int(n): ms for n, ms in int8_meta["extra"]["thread_p50_ms"].items()}
+    assert 1 in tuned and int8_meta["extra"]["threads"] == min(tuned, key=tuned.__getitem__)
 
     assert main(["--params", str(params_file), "build", str(model_dir), "--target", "onnxruntime"]) == 0
     assert "(exported from this model)" in capsys.readouterr().out  # no second export
@@ -78,6 +82,8 @@ def test_build_then_bench_writes_engines_json_and_table(
     assert {"torch-eager", "onnxruntime-fp32", "onnxruntime-int8"} <= set(backends)
     for r in backends.values():
         assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] and r["throughput_ips"] > 0 and r["large_batch"] == 4
+    assert backends["onnxruntime-int8"]["threads"] == int8_meta["extra"]["threads"]  # benched as built
+    assert backends["torch-eager"]["threads"] >= 1 and "torch eager batch-1 p50 by threads" in out
     assert (params_file.parent / "bench" / "latency.txt").read_text().startswith("backend")
 
 

@@ -161,3 +161,22 @@ def test_excluded_nodes_are_found_by_structure(dynamo_onnx: Path) -> None:
     assert len(head_and_embed) == 2
     assert by_name[head_and_embed[0]].op_type == "Conv"
     assert by_name[head_and_embed[1]].op_type in ("MatMul", "Gemm")
+
+
+def test_thread_tuning_picks_the_fastest_count_and_a_fixed_count_skips_it(
+    model: torch.nn.Module, dynamo_onnx: Path, tmp_path: Path
+) -> None:
+    import time
+
+    from deploy.latency import thread_candidates, tune_threads
+    from deploy.onnxrt import engine_threads
+
+    assert thread_candidates(1) == [1] and thread_candidates(2) == [1, 2] and thread_candidates(6) == [1, 2, 4, 6]
+    delays = {1: 0.004, 2: 0.001, 4: 0.002}  # more threads are not always faster
+    best, p50 = tune_threads(lambda n: lambda _: time.sleep(delays[n]), images(1), [1, 2, 4], iters=3, rounds=2)
+    assert best == 2 and p50[1] > p50[4] > p50[2] >= 1.0
+
+    x = images(16)
+    fixed, _ = build_ort_engine(dynamo_onnx, tmp_path / "fixed.onnx", x, torch_logits(model, x), "fp32", threads=1)
+    assert read_meta(fixed).extra["threads"] == 1 and read_meta(fixed).extra["thread_p50_ms"] is None
+    assert engine_threads(fixed) == 1 and engine_threads(tmp_path / "no-such-engine.onnx") == 0
