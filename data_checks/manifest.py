@@ -210,10 +210,12 @@ def _printable(rel: str, row: dict[str, Any]) -> str:
 
 
 def write_manifest(manifest: pd.DataFrame, path: Path) -> Path:
-    """Write a manifest CSV (UTF-8), creating its folder."""
+    """Write a manifest CSV (UTF-8) atomically, creating its folder: an interrupted scan keeps the old one."""
+    from data_checks.files import atomic_write
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    manifest.to_csv(path, index=False, encoding="utf-8")
+    atomic_write(path, lambda tmp: manifest.to_csv(tmp, index=False, encoding="utf-8"))
     return path
 
 

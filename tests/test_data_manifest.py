@@ -71,3 +71,24 @@ def test_mixed_layout_is_refused(tmp_path: Path) -> None:
     write_clean(tmp_path, {"cats": 1})
     with pytest.raises(LayoutError, match="mixes split folders"):
         scan_dataset(tmp_path, FRACTIONS)
+
+
+def test_interrupted_manifest_write_keeps_the_previous_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pandas as pd
+
+    root = tmp_path / "data"
+    write_clean(root, {"a": 6, "b": 6})
+    manifest = scan_dataset(root, FRACTIONS, workers=1)
+    path = write_manifest(manifest, tmp_path / "artifacts" / "manifest.csv")
+    before = path.read_bytes()
+
+    def crash_midway(self: pd.DataFrame, target: str, **kwargs: object) -> None:
+        Path(target).write_text("path,label\nhalf-written", encoding="utf-8")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        write_manifest(manifest.head(1), path)
+    assert path.read_bytes() == before and [p.name for p in path.parent.iterdir()] == ["manifest.csv"]

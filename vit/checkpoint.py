@@ -9,10 +9,8 @@ read back with `torch.load(weights_only=True)` only, so RNG states are stored as
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from data_checks.files import atomic_write  # noqa: F401  (re-exported: the one atomic writer)
 from vit.distributed import DistInfo
 
 LAST_CHECKPOINT = "last.pt"
@@ -136,20 +135,3 @@ def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
     atomic_write(path, lambda tmp: save_file(state, tmp))
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temp file in the same folder, fsync, then rename: readers see the old or the new file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; published files get the usual mode
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
