@@ -83,8 +83,8 @@ class PretrainParams(_Section):
     patch_size: int = Field(8, ge=1)
     depth: int = Field(6, ge=1)
     images: int = Field(30000, ge=100, description="generated training images")
-    epochs: int = Field(4, ge=1)
-    batch_size: int = Field(128, ge=1)
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0.0)
     seed: int = 0
     out: Path = Path("artifacts/standin/vit_tiny_chars.safetensors")

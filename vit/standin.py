@@ -22,7 +22,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-CHARSET = string.digits + string.ascii_uppercase + string.ascii_lowercase + "+-*/=<>?!#%&@$"
+# Digits, capitals, and the small letters whose shape differs from their capital (size-normalised, "o" and "O"
+# would be the same image under two labels).
+CHARSET = string.digits + string.ascii_uppercase + "abdefghijmnqrty"
 STANDIN_NOTICE = (
     "vitops offline stand-in: NOT public pretrained weights. Pretrained by `vitops pretrain-standin` on "
     "generated images of rendered characters so that the quickstart can run without internet."
@@ -64,32 +66,98 @@ class StandinSpec:
         return kwargs
 
 
+# Fonts that matplotlib (a vitops dependency) ships, with complete digit and Latin letter glyphs: sans, mono,
+# serif and Computer Modern faces in regular, bold and italic cuts. Pillow's own bundled font is added to them.
+FONT_FILES = (
+    "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf",
+    "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSansMono-Oblique.ttf", "DejaVuSansMono-BoldOblique.ttf",
+    "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf", "DejaVuSerif-BoldItalic.ttf",
+    "STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf", "STIXGeneralBolIta.ttf",
+    "cmr10.ttf", "cmb10.ttf", "cmti10.ttf", "cmss10.ttf", "cmtt10.ttf", "cmmi10.ttf",
+)  # fmt: skip
+
+
+def _load_fonts(size: int) -> list[Any]:
+    """Pillow's bundled font and every font of `FONT_FILES` that matplotlib ships, at `size` pixels."""
+    from PIL import ImageFont
+
+    fonts = [ImageFont.load_default(size=size)]
+    try:
+        import matplotlib
+
+        font_dir = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    except ImportError:  # still renders, with one font
+        log.warning("matplotlib is not installed: the stand-in is rendered with Pillow's font only")
+        return fonts
+    fonts += [ImageFont.truetype(str(font_dir / name), size) for name in FONT_FILES if (font_dir / name).is_file()]
+    return fonts
+
+
+def _glyph(font: Any, char: str, stroke: int) -> Any:
+    """The character cropped to its ink, white on black; None when the font has no visible glyph for it."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("L", (96, 96), 0)
+    ImageDraw.Draw(img).text((48, 48), char, fill=255, font=font, anchor="mm", stroke_width=stroke, stroke_fill=255)
+    box = img.getbbox()
+    return img.crop(box) if box else None
+
+
 def render_characters(count: int, img_size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Render `count` random characters from `CHARSET` as grayscale images.
+
+    Each glyph comes from one of ~23 fonts, is scaled to fill a random share of the frame (as scanned forms
+    and size-normalised character sets do), then sheared, rotated, warped by a random smooth mesh (like
+    handwriting), thickened or thinned, blurred, reduced to a random low resolution and back, and given
+    random contrast, noise and polarity.
 
     Returns:
         uint8 images (count, img_size, img_size) and int64 labels (indices into `CHARSET`).
     """
-    from PIL import Image, ImageDraw, ImageFilter, ImageFont
+    from PIL import Image, ImageFilter
 
     rng = np.random.default_rng(seed)
     canvas = 48
-    fonts = {size: ImageFont.load_default(size=size) for size in range(28, 53, 4)}
+    fonts = _load_fonts(40)
     labels = rng.integers(0, len(CHARSET), size=count)
     out = np.empty((count, img_size, img_size), dtype=np.uint8)
+    cells = 3
+    step = canvas / cells
+    grid = [(gx * step, gy * step) for gy in range(cells + 1) for gx in range(cells + 1)]
     for i, label in enumerate(labels):
+        glyph = None
+        while glyph is None:  # a font without this glyph: take another font
+            glyph = _glyph(fonts[int(rng.integers(len(fonts)))], CHARSET[label], int(rng.integers(0, 3)))
+        height = canvas * rng.uniform(0.65, 0.95)
+        width = min(canvas * 0.95, max(4.0, height * glyph.width / glyph.height * rng.uniform(0.7, 1.4)))
+        glyph = glyph.resize((int(width), int(height)), Image.BILINEAR)
         img = Image.new("L", (canvas, canvas), 0)
-        draw = ImageDraw.Draw(img)
-        font = fonts[int(rng.choice(list(fonts)))]
-        x, y = canvas / 2 + rng.normal(0, 2, size=2)
-        draw.text((x, y), CHARSET[label], fill=255, font=font, anchor="mm", stroke_width=int(rng.integers(0, 4)))
-        shear = float(rng.uniform(-0.3, 0.3))
+        img.paste(glyph, (int(rng.uniform(0, canvas - glyph.width)), int(rng.uniform(0, canvas - glyph.height))))
+        shear = float(rng.uniform(-0.2, 0.2))
         img = img.transform(img.size, Image.Transform.AFFINE, (1, shear, -shear * canvas / 2, 0, 1, 0), Image.BILINEAR)
-        img = img.rotate(float(rng.uniform(-20, 20)), resample=Image.BILINEAR)
+        img = img.rotate(float(rng.uniform(-10, 10)), resample=Image.BILINEAR)
+        # Piecewise-affine warp: every inner mesh vertex is moved at random, the border stays in place.
+        moved = [
+            (x, y) if x in (0, canvas) or y in (0, canvas) else (x + rng.normal(0, 1.5), y + rng.normal(0, 1.5))
+            for x, y in grid
+        ]
+        mesh = []
+        for gy in range(cells):
+            for gx in range(cells):
+                k = gy * (cells + 1) + gx
+                quad = (*moved[k], *moved[k + cells + 1], *moved[k + cells + 2], *moved[k + 1])
+                box = (int(gx * step), int(gy * step), int((gx + 1) * step), int((gy + 1) * step))
+                mesh.append((box, tuple(float(v) for v in quad)))
+        img = img.transform(img.size, Image.Transform.MESH, mesh, Image.BILINEAR)
+        thickness = rng.random()
+        if thickness < 0.3:
+            img = img.filter(ImageFilter.MaxFilter(3))
+        elif thickness < 0.4:
+            img = img.filter(ImageFilter.MinFilter(3))
         if rng.random() < 0.2:
             img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.5, 1.5))))
         # Random low resolution then back up: small scanned or thumbnail images look like this.
-        low = int(rng.integers(8, img_size + 1))
+        low = int(rng.integers(8, img_size // 2 + 1)) if rng.random() < 0.7 else img_size
         img = img.resize((low, low), Image.BOX).resize((img_size, img_size), Image.BILINEAR)
         arr = np.asarray(img, dtype=np.float32) / 255.0
         contrast = rng.uniform(0.6, 1.0)
