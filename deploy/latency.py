@@ -124,25 +124,9 @@ def bench_backends(
     # Timed in blocks, the backends taking turns: interleaving shares out the noise of a busy machine,
     # and blocks (with a pause between them) keep one runtime's spinning worker threads, which wait
     # busily for a moment after each call, from stealing cores from the next runtime.
-    times: dict[str, list[float]] = {name: [] for name in runners}
     blocks = max(1, min(10, iters // 10))
-    for block in range(blocks):
-        count = iters // blocks + (1 if block < iters % blocks else 0)
-        for name, run in runners.items():
-            _settle()
-            run(image)
-            for _ in range(count):
-                start = time.perf_counter()
-                run(image)
-                times[name].append(time.perf_counter() - start)
-    spent: dict[str, float] = dict.fromkeys(runners, 0.0)
-    for name, run in runners.items():
-        _settle()
-        run(batch)
-        for _ in range(throughput_rounds):
-            start = time.perf_counter()
-            run(batch)
-            spent[name] += time.perf_counter() - start
+    times = _time_in_turns(runners, image, [iters // blocks + (1 if b < iters % blocks else 0) for b in range(blocks)])
+    spent = {name: sum(t) for name, t in _time_in_turns(runners, batch, [throughput_rounds]).items()}
     results = []
     for name in runners:
         p50, p95, p99 = percentiles_ms(times[name])
@@ -166,6 +150,20 @@ def bench_backends(
 
 def _settle(seconds: float = 0.02) -> None:
     time.sleep(seconds)
+
+
+def _time_in_turns(runners: dict[Any, Runner], image: np.ndarray, blocks: list[int]) -> dict[Any, list[float]]:
+    """Per-call durations (s) of every runner, timed in blocks of the given sizes with the runners taking turns."""
+    times: dict[Any, list[float]] = {key: [] for key in runners}
+    for count in blocks:
+        for key, run in runners.items():
+            _settle()
+            run(image)
+            for _ in range(count):
+                start = time.perf_counter()
+                run(image)
+                times[key].append(time.perf_counter() - start)
+    return times
 
 
 def thread_candidates(cores: int) -> list[int]:
@@ -195,18 +193,10 @@ def tune_threads(
         rounds: interleaved rounds.
     """
     runners = {n: make_runner(n) for n in candidates}
-    times: dict[int, list[float]] = {n: [] for n in candidates}
-    for n, run in runners.items():
+    for run in runners.values():
         for _ in range(5):
             run(image)
-    for _ in range(rounds):
-        for n, run in runners.items():
-            _settle()
-            run(image)
-            for _ in range(iters):
-                start = time.perf_counter()
-                run(image)
-                times[n].append(time.perf_counter() - start)
+    times = _time_in_turns(runners, image, [iters] * rounds)
     p50 = {n: float(np.median(t) * 1e3) for n, t in times.items()}
     return min(p50, key=p50.__getitem__), p50
 
