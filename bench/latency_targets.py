@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="fixed threads for all; 0 = tune up to physical cores")
     parser.add_argument("--train-steps", type=int, default=600, help="stand-in quickstart training steps")
     parser.add_argument("--small-images", type=int, default=300, help="ViT-S/16 agreement images")
-    parser.add_argument("--small-steps", type=int, default=150, help="ViT-S/16 training steps (batch 32)")
+    parser.add_argument("--small-steps", type=int, default=400, help="ViT-S/16 training steps (batch 32)")
     parser.add_argument("--skip-small", action="store_true", help="quickstart model only")
     parser.add_argument("--gpu", action="store_true", help="torch eager vs torch.compile on an NVIDIA GPU")
     args = parser.parse_args(argv)
