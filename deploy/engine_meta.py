@@ -83,7 +83,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None] | Iterable[bytes] | bytes) -> Path:
-    """Write `path` through a temp file in the same folder and `os.replace` (`vit.checkpoint.atomic_write`).
+    """Write `path` through a temp file in the same folder and `os.replace` (`data_checks.files.atomic_write`).
 
     Args:
         path: final file.
@@ -91,7 +91,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None] | Iterable[bytes]
 
     Any exception, KeyboardInterrupt included, removes the temp file and leaves an existing `path` as it was.
     """
-    from vit.checkpoint import atomic_write as write_through_temp
+    from data_checks.files import atomic_write as write_through_temp
 
     def _write(tmp: str) -> None:
         with open(tmp, "wb") as fh:

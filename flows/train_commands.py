@@ -280,7 +280,7 @@ def _write_outputs(model: Any, meta: Any, result: Any, out_dir: Path) -> Path:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    from vit.checkpoint import atomic_write
+    from data_checks.files import atomic_write
 
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"

@@ -190,7 +190,7 @@ def pretrain_standin(spec: StandinSpec, out: Path, work_dir: Path | None = None,
     import timm
     from safetensors.torch import save_file
 
-    from vit.checkpoint import atomic_write
+    from data_checks.files import atomic_write
     from vit.train import TrainConfig, fit
 
     out = Path(out)
