@@ -17,6 +17,12 @@ process, and top-1 agreement of each engine with FP32 PyTorch:
 
 Targets: ONNX Runtime FP32 p50 <= 0.75x torch eager; INT8 >= 1.5x faster than ONNX Runtime FP32 with
 >= 99% top-1 agreement. Timings on a shared CPU are noisy; the ratios come from the same rounds.
+
+Roofline: the model's FLOPs per image (torch's FLOP counter) over each FP32 backend's batch-1 p50 give
+its GFLOP/s, shown as a share of the FP32 GEMM peak its library reaches on a 2048^3 product with the same
+threads, measured in the same run. The ORT FP32 row also says which share of peak the 0.75x target would
+need: a compute-bound model (ViT-S/16: 9.2 GFLOP) whose eager run already uses most of the peak cannot
+reach 0.75x in FP32 on that CPU, whatever the runtime.
 """
 
 from __future__ import annotations
@@ -111,19 +117,33 @@ def quickstart_model(model_dir: str | None, steps: int) -> tuple[object, object,
     return model, meta, label
 
 
+_PEAKS: dict[tuple[str, int], float] = {}
+
+
+def fp32_peak(library: str, threads: int) -> float:
+    """Measured FP32 GEMM GFLOP/s of `library` (torch or onnxruntime) on `threads` threads, once per run."""
+    from deploy.roofline import gemm_peak_gflops
+
+    if (library, threads) not in _PEAKS:
+        _PEAKS[library, threads] = gemm_peak_gflops(library, threads)
+    return _PEAKS[library, threads]
+
+
 def measure_cpu(
     name: str, model, images: np.ndarray, iters: int, threads: int, work: Path, fixed_threads: bool = False
 ) -> list[dict]:
     """Export, build ORT FP32 and INT8 engines, time all backends interleaved, measure agreement.
 
     Each backend runs at its fastest thread count of 1, 2, 4 ... `threads` (tuned first), unless
-    `fixed_threads`: then all run on `threads`."""
+    `fixed_threads`: then all run on `threads`. FP32 backends also get their share of the FP32 GEMM peak
+    that their library reaches on this CPU with the same threads (the roofline)."""
     import torch
 
     from deploy.export import export_onnx
     from deploy.latency import bench_backends, ort_runner, thread_candidates, torch_runner, tune_threads
     from deploy.onnxrt import QuantSettings, create_session, optimize_onnx, quantize_onnx, session_logits
     from deploy.parity import compare_logits, torch_logits
+    from deploy.roofline import achieved_gflops, model_flops
 
     onnx_path = work / f"{name}.onnx"
     result = export_onnx(model, torch.from_numpy(images[:2]), onnx_path)
@@ -152,6 +172,7 @@ def measure_cpu(
     batch = np.ascontiguousarray(images[:32])
     results = bench_backends(factories, image, batch, warmup=20, iters=iters, threads=best)
     p50 = {r.backend: r.p50_ms for r in results}
+    flops = model_flops(model, torch.from_numpy(images[:1]))
     rows = []
     for r in results:
         row = {
@@ -165,10 +186,19 @@ def measure_cpu(
             "img_s": r.throughput_ips,
             "top1_agreement": agreement[r.backend],
             "exporter": result.exporter,
+            "gflop_per_image": flops / 1e9,
+            "gflops": achieved_gflops(flops, 1, r.p50_ms / 1e3),
         }
+        if "int8" not in r.backend:
+            library = "torch" if r.backend.startswith("torch") else "onnxruntime"
+            row["fp32_peak_gflops"] = fp32_peak(library, r.threads)
+            row["pct_peak"] = row["gflops"] / row["fp32_peak_gflops"]
         if r.backend == "onnxruntime-fp32":
             row["target"] = "<= 0.75x eager"
             row["met"] = row["x_eager"] <= 0.75
+            # What the target asks of the hardware: ORT at 0.75x eager's p50, against ORT's own FP32 peak.
+            needed = achieved_gflops(flops, 1, 0.75 * p50["torch-eager"] / 1e3)
+            row["target_pct_peak"] = needed / row["fp32_peak_gflops"]
         elif "int8" in r.backend:
             row["target"] = ">= 1.5x ORT FP32, >= 99% agree"
             row["met"] = row["speedup_vs_ort_fp32"] >= 1.5 and row["top1_agreement"] >= 0.99
@@ -179,16 +209,20 @@ def measure_cpu(
 def print_rows(rows: list[dict]) -> None:
     head = (
         f"{'model':<22} {'backend':<26} {'thr':>3} {'p50 ms':>8} {'p95 ms':>8} {'x eager':>8} {'vs ORT32':>8} "
-        f"{'img/s@32':>9} {'top-1 agr':>9}  target"
+        f"{'img/s@32':>9} {'top-1 agr':>9} {'GFLOP/s':>8} {'%peak':>6}  target"
     )
     print(head)
     print("-" * len(head))
     for r in rows:
         met = "" if "met" not in r else ("  MET" if r["met"] else "  MISSED")
+        if "target_pct_peak" in r:
+            met += f" (needs {r['target_pct_peak']:.0%} of FP32 peak)"
+        peak = f"{r['pct_peak']:6.0%}" if "pct_peak" in r else f"{'-':>6}"
         print(
             f"{r['model']:<22} {r['backend']:<26} {r['threads']:>3} {r['p50_ms']:8.2f} {r['p95_ms']:8.2f} "
             f"{r['x_eager']:7.2f}x "
-            f"{r['speedup_vs_ort_fp32']:7.2f}x {r['img_s']:9.0f} {r['top1_agreement']:9.2%}  {r.get('target', '')}{met}"
+            f"{r['speedup_vs_ort_fp32']:7.2f}x {r['img_s']:9.0f} {r['top1_agreement']:9.2%} {r['gflops']:8.0f} {peak}"
+            f"  {r.get('target', '')}{met}"
         )
 
 
@@ -224,6 +258,8 @@ def run_cpu(args: argparse.Namespace) -> int:
             )
     tuned = "fixed" if args.threads else "each backend at its fastest of 1, 2, 4 ..."
     print(f"\nCPU: {cpu_name()}, {threads} threads ({tuned}); torch {torch.__version__}")
+    peaks = ", ".join(f"{lib} {n} thr {gflops:.0f}" for (lib, n), gflops in sorted(_PEAKS.items()))
+    print(f"FP32 GEMM peak (2048^3 matmul, GFLOP/s): {peaks}; %peak = batch-1 GFLOP/s / the backend's peak")
     print_rows(rows)
     return 0
 
