@@ -85,7 +85,7 @@ class PretrainParams(_Section):
     images: int = Field(30000, ge=100, description="generated training images")
     epochs: int = Field(12, ge=1)
     batch_size: int = Field(64, ge=1)
-    lr: float = Field(1e-3, gt=0.0)
+    lr: float = Field(5e-4, gt=0.0)
     seed: int = 0
     out: Path = Path("artifacts/standin/vit_tiny_chars.safetensors")
 
@@ -102,7 +102,7 @@ class TrainParams(_Section):
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(64, ge=1, description="per process and micro-step")
     accum_steps: int = Field(1, ge=1)
-    lr: float = Field(1e-3, gt=0.0, description="peak lr for the effective batch")
+    lr: float = Field(5e-4, gt=0.0, description="peak lr for the effective batch")
     layer_decay: float | None = Field(0.85, gt=0.0, le=1.0, description="None or 1.0 turns it off")
     weight_decay: float = Field(0.05, ge=0.0)
     warmup_epochs: float = Field(1.0, ge=0.0)

@@ -56,7 +56,7 @@ class StandinSpec:
     images: int = 12000
     epochs: int = 4
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 5e-4
     seed: int = 0
 
     def model_kwargs(self) -> dict[str, Any]:
