@@ -153,17 +153,16 @@ def _mean_after_warmup(rates: list[float]) -> float:
 
 
 def flops_per_image(cfg: dict, device: str) -> float:
-    """Forward + backward FLOPs of one training image, counted by torch's FlopCounterMode."""
+    """Forward + backward FLOPs of one training image, counted by torch's FlopCounterMode (attention included)."""
     import timm
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
+
+    from deploy.roofline import model_flops
 
     kwargs = {k: cfg[k] for k in ("patch_size", "depth") if cfg[k]}
     model = timm.create_model(cfg["model"], num_classes=10, img_size=cfg["img_size"], **kwargs).to(device)
     x = torch.randn(2, 3, cfg["img_size"], cfg["img_size"], device=device)
-    with FlopCounterMode(display=False) as counter:
-        model(x).float().sum().backward()
-    return counter.get_total_flops() / 2
+    return model_flops(model, x, backward=True)
 
 
 def gpu_peak(args: argparse.Namespace) -> tuple[str, float | None]:

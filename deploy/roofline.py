@@ -34,16 +34,27 @@ def _explicit_attention(model: Any) -> Iterator[None]:
             m.fused_attn = True
 
 
-def model_flops(model: Any, example: Any) -> float:
-    """Forward FLOPs (a multiply-add counts 2) of `model` on `example`, divided by its batch size."""
+def model_flops(model: Any, example: Any, backward: bool = False) -> float:
+    """FLOPs (a multiply-add counts 2) of `model` on `example`, divided by its batch size.
+
+    Args:
+        model: the network; its train/eval mode is restored afterwards.
+        example: an input batch on the model's device.
+        backward: count a training step's forward and backward pass (in train mode) instead of inference.
+    """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     was_training = model.training
-    model.eval()
+    model.train(backward)
     try:
-        with _explicit_attention(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(example)
+        with _explicit_attention(model), FlopCounterMode(display=False) as counter:
+            if backward:
+                model(example).float().sum().backward()
+                model.zero_grad(set_to_none=True)
+            else:
+                with torch.no_grad():
+                    model(example)
     finally:
         model.train(was_training)
     return counter.get_total_flops() / example.shape[0]

@@ -14,6 +14,16 @@ def test_linear_flops_are_two_per_multiply_add_per_image():
     assert model_flops(layer, torch.randn(4, 64)) == 2 * 64 * 10
 
 
+def test_training_flops_add_the_backward_pass_and_keep_the_mode():
+    layers = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 10)).eval()
+    forward = 2 * (64 * 32 + 32 * 10)
+    # backward: weight gradients of both layers, input gradient of the second only (the data needs none)
+    backward = 2 * (64 * 32 + 32 * 10) + 2 * 32 * 10
+    assert model_flops(layers, torch.randn(4, 64), backward=True) == forward + backward
+    assert not layers.training
+    assert all(p.grad is None for p in layers.parameters())
+
+
 def test_vit_flops_include_attention_and_leave_fused_attention_on():
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2)
     tokens, dim, heads = 17, 192, 3
