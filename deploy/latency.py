@@ -39,6 +39,7 @@ class BenchResult:
     device: str = "cpu"
     note: str = ""
     threads: int = 0
+    gflops: float = 0.0  # model GFLOP/s that the batch-1 p50 implies (0 = FLOPs not counted)
 
 
 def percentiles_ms(seconds: list[float]) -> tuple[float, float, float]:
@@ -257,8 +258,11 @@ def trt_runner(path: Path) -> Runner:
 def format_table(results: list[BenchResult], reference: str | None = None) -> str:
     """A plain-text table; `reference` adds a column with each p50 as a multiple of that backend's."""
     ref = next((r for r in results if r.backend == reference), None)
+    counted = any(r.gflops for r in results)
     header = ["backend", "p50 ms", "p95 ms", "p99 ms", f"x {reference} p50" if ref else "", "img/s @batch", "peak MB"]
     header.insert(1, "threads")
+    if counted:
+        header.append("GFLOP/s")
     rows = []
     for r in results:
         rows.append(
@@ -272,6 +276,7 @@ def format_table(results: list[BenchResult], reference: str | None = None) -> st
                 f"{r.throughput_ips:.0f} @{r.large_batch}",
                 f"{r.peak_mem_mb:.0f}",
             ]
+            + ([f"{r.gflops:.1f}"] if counted else [])
             + ([r.note] if r.note else [])
         )
     if not ref:
@@ -307,4 +312,6 @@ def kpi_metrics(results: list[BenchResult]) -> dict[str, float]:
         metrics[f"latency_p99_ms.{key}"] = r.p99_ms
         metrics[f"throughput_ips.{key}"] = r.throughput_ips
         metrics[f"peak_mem_mb.{key}"] = r.peak_mem_mb
+        if r.gflops:
+            metrics[f"gflops.{key}"] = r.gflops
     return metrics

@@ -276,6 +276,7 @@ def cmd_bench(args: argparse.Namespace, params: Params) -> int:
         write_report,
     )
     from deploy.onnxrt import cpu_name, engine_threads, physical_cores
+    from deploy.roofline import achieved_gflops, model_flops
     from vit.bundle import load_bundle
 
     model_dir = model_folder(args.model_dir, params)
@@ -314,16 +315,23 @@ def cmd_bench(args: argparse.Namespace, params: Params) -> int:
     if skipped:
         print(f"vitops bench: skipped {', '.join(skipped)}; build them with `vitops build`")
     results = bench_backends(factories, image, batch, b.warmup, args.iters or b.iters, device=device, threads=threads)
+    flops = model_flops(model, torch.from_numpy(image))
     for result in results:
         if result.backend.startswith("onnxruntime"):
             result.device = "cpu"  # ONNX Runtime engines run on the CPU even on a GPU machine
+        result.gflops = achieved_gflops(flops, 1, result.p50_ms / 1e3)
     table = format_table(results, reference="torch-eager")
     host = torch.cuda.get_device_name() if cuda else f"{cpu_name()}, {physical_cores()} physical cores"
     print(f"latency of {meta.model} at {meta.img_size}px on {host}\n{table}")
     report = bench_report(
         results,
         {
-            "model": {"dir": str(model_dir), "arch": meta.model, "img_size": meta.img_size},
+            "model": {
+                "dir": str(model_dir),
+                "arch": meta.model,
+                "img_size": meta.img_size,
+                "gflop_per_image": flops / 1e9,
+            },
             "host": {"device": host, "threads": threads, "torch": torch.__version__},
             "settings": {"warmup": b.warmup, "iters": args.iters or b.iters, "large_batch": b.large_batch},
         },

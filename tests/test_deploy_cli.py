@@ -84,6 +84,12 @@ def test_build_then_bench_writes_engines_json_and_table(
         assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] and r["throughput_ips"] > 0 and r["large_batch"] == 4
     assert backends["onnxruntime-int8"]["threads"] == int8_meta["extra"]["threads"]  # benched as built
     assert backends["torch-eager"]["threads"] >= 1 and "torch eager batch-1 p50 by threads" in out
+    # compute efficiency beside the latency: the model's FLOPs over each backend's batch-1 p50
+    gflop = report["model"]["gflop_per_image"]
+    assert gflop > 0 and "GFLOP/s" in out
+    for name, r in backends.items():
+        assert r["gflops"] == pytest.approx(gflop / (r["p50_ms"] / 1e3))
+        assert report["metrics"][f"gflops.{name}"] == r["gflops"]
     assert (params_file.parent / "bench" / "latency.txt").read_text().startswith("backend")
 
 
