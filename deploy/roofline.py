@@ -38,13 +38,15 @@ def model_flops(model: Any, example: Any, backward: bool = False) -> float:
     """FLOPs (a multiply-add counts 2) of `model` on `example`, divided by its batch size.
 
     Args:
-        model: the network; its train/eval mode is restored afterwards.
-        example: an input batch on the model's device.
+        model: the network; its train/eval mode is restored afterwards (and, with `backward`, its gradients
+            cleared).
+        example: an input batch; it is moved to the model's device (a benchmark may have moved the model).
         backward: count a training step's forward and backward pass (in train mode) instead of inference.
     """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    example = example.to(next((p.device for p in model.parameters()), example.device))
     was_training = model.training
     model.train(backward)
     try:

@@ -14,6 +14,12 @@ def test_linear_flops_are_two_per_multiply_add_per_image():
     assert model_flops(layer, torch.randn(4, 64)) == 2 * 64 * 10
 
 
+def test_flops_of_a_model_on_another_device_than_the_example():
+    # `vitops bench` times torch on the GPU (moving the model there) and counts with a host-side image
+    layer = torch.nn.Linear(64, 10, device="meta")
+    assert model_flops(layer, torch.randn(2, 64)) == 2 * 64 * 10
+
+
 def test_training_flops_add_the_backward_pass_and_keep_the_mode():
     layers = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 10)).eval()
     forward = 2 * (64 * 32 + 32 * 10)
