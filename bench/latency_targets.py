@@ -28,6 +28,7 @@ peak, and the LayerNorm, softmax, GELU and layout glue between them keep a whole
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import tempfile
@@ -117,16 +118,12 @@ def quickstart_model(model_dir: str | None, steps: int) -> tuple[object, object,
     return model, meta, label
 
 
-_PEAKS: dict[tuple[str, int], float] = {}
-
-
+@functools.cache
 def fp32_peak(library: str, threads: int) -> float:
     """Measured FP32 GEMM GFLOP/s of `library` (torch or onnxruntime) on `threads` threads, once per run."""
     from deploy.roofline import gemm_peak_gflops
 
-    if (library, threads) not in _PEAKS:
-        _PEAKS[library, threads] = gemm_peak_gflops(library, threads)
-    return _PEAKS[library, threads]
+    return gemm_peak_gflops(library, threads)
 
 
 def measure_cpu(
@@ -190,8 +187,8 @@ def measure_cpu(
             "gflops": achieved_gflops(flops, 1, r.p50_ms / 1e3),
         }
         if "int8" not in r.backend:
-            library = "torch" if r.backend.startswith("torch") else "onnxruntime"
-            row["fp32_peak_gflops"] = fp32_peak(library, r.threads)
+            row["peak_library"] = "torch" if r.backend.startswith("torch") else "onnxruntime"
+            row["fp32_peak_gflops"] = fp32_peak(row["peak_library"], r.threads)
             row["pct_peak"] = row["gflops"] / row["fp32_peak_gflops"]
         if r.backend == "onnxruntime-fp32":
             row["target"] = "<= 0.75x eager"
@@ -258,7 +255,8 @@ def run_cpu(args: argparse.Namespace) -> int:
             )
     tuned = "fixed" if args.threads else "each backend at its fastest of 1, 2, 4 ..."
     print(f"\nCPU: {cpu_name()}, {threads} threads ({tuned}); torch {torch.__version__}")
-    peaks = ", ".join(f"{lib} {n} thr {gflops:.0f}" for (lib, n), gflops in sorted(_PEAKS.items()))
+    measured = {(r["peak_library"], r["threads"]): r["fp32_peak_gflops"] for r in rows if "peak_library" in r}
+    peaks = ", ".join(f"{lib} {n} thr {gflops:.0f}" for (lib, n), gflops in sorted(measured.items()))
     print(f"FP32 GEMM peak (2048^3 matmul, GFLOP/s): {peaks}; %peak = batch-1 GFLOP/s / the backend's peak")
     print_rows(rows)
     return 0
