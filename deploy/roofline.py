@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -86,9 +85,10 @@ def gemm_peak_gflops(backend: str = "torch", threads: int = 0, n: int = 2048, re
         n: matrix side; 2048 is large enough to reach peak on CPUs, use 8192 on GPUs.
         repeats: timed products; the fastest counts.
     """
+    from deploy.latency import _time_in_turns
+
     flops = 2.0 * n**3
     a = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
-    times: list[float] = []
     if backend == "onnxruntime":
         from deploy.onnxrt import create_session
 
@@ -96,11 +96,7 @@ def gemm_peak_gflops(backend: str = "torch", threads: int = 0, n: int = 2048, re
             path = Path(tmp) / "matmul.onnx"
             _matmul_onnx(path, n)
             session = create_session(path, threads)
-            session.run(None, {"x": a})
-            for _ in range(repeats):
-                start = time.perf_counter()
-                session.run(None, {"x": a})
-                times.append(time.perf_counter() - start)
+            times = _time_in_turns({backend: lambda x: session.run(None, {"x": x})}, a, [repeats])[backend]
     elif backend in ("torch", "cuda"):
         import torch
 
@@ -112,15 +108,8 @@ def gemm_peak_gflops(backend: str = "torch", threads: int = 0, n: int = 2048, re
         torch.backends.cuda.matmul.allow_tf32 = False
         try:
             x = torch.from_numpy(a).to(device)
-            y = x.clone()
             sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-            torch.mm(x, y)
-            sync()
-            for _ in range(repeats):
-                start = time.perf_counter()
-                torch.mm(x, y)
-                sync()
-                times.append(time.perf_counter() - start)
+            times = _time_in_turns({backend: lambda _: (torch.mm(x, x), sync())}, a, [repeats])[backend]
         finally:
             torch.set_num_threads(before)
             torch.backends.cuda.matmul.allow_tf32 = tf32
