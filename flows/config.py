@@ -126,6 +126,12 @@ class TrainParams(_Section):
     color_jitter: float = Field(0.0, ge=0.0)
     auto_augment: str | None = None
     re_prob: float = Field(0.0, ge=0.0, le=1.0)
+    teacher: str | None = Field(
+        None, description="model to distil from: file:<vitops model folder> or mlflow:models:/<name>@<alias>"
+    )
+    distill: Literal["hard", "soft"] = "hard"
+    distill_alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the teacher's term")
+    distill_temperature: float = Field(3.0, gt=0.0, description="soft distillation only")
     out_dir: Path = Path("artifacts/train/vit")
 
 

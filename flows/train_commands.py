@@ -30,9 +30,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from vit.bundle import BundleError
     from vit.checkpoint import CheckpointError
     from vit.data import DataError
+    from vit.distill import DistillError
     from vit.sources import SourceError
 
-    return (SourceError, DataError, CheckpointError, BundleError, TrackingError)
+    return (SourceError, DataError, CheckpointError, BundleError, TrackingError, DistillError)
 
 
 log = logging.getLogger(__name__)
@@ -114,11 +115,12 @@ def _recipe(params: Params, baseline: bool) -> dict[str, Any]:
         "img_size": t.img_size,
         "model_kwargs": {"patch_size": t.patch_size, "depth": t.depth, "drop_path_rate": t.drop_path},
         "out_dir": t.out_dir,
+        "teacher": t.teacher,
         "config": _same_named(TrainConfig, t),
     }
     if baseline:
         b = params.baseline
-        recipe.update(model=b.model, source=b.source, model_kwargs={}, out_dir=b.out_dir)
+        recipe.update(model=b.model, source=b.source, model_kwargs={}, out_dir=b.out_dir, teacher=None)
         recipe["config"].update(epochs=b.epochs, lr=b.lr, layer_decay=None, weight_decay=b.weight_decay)
     return recipe
 
@@ -139,6 +141,29 @@ def _resolve_source(source: str, work: Path) -> str:
     from flows.tracking import download_model
 
     return f"file:{download_model(source.removeprefix('mlflow:'), work)}"
+
+
+def _teacher(source: str | None, classes: list[str], meta: Any, work: Path) -> tuple[Any, str | None]:
+    """The teacher named by `train.teacher` (a vitops model folder or a registered model) and the sha256 of
+    its weights, or (None, None) without one."""
+    if not source:
+        return None, None
+    import hashlib
+
+    from vit.bundle import WEIGHTS_FILE
+    from vit.distill import DistillError, load_teacher
+
+    resolved = _resolve_source(source, work)
+    if not resolved.startswith("file:"):
+        raise DistillError(
+            f"train.teacher {source!r}: a teacher must be a vitops model folder trained on the same classes "
+            "(file:artifacts/train/baseline/model) or a registered model (mlflow:models:/<name>@<alias>)"
+        )
+    folder = Path(resolved.removeprefix("file:"))
+    teacher = load_teacher(folder, classes, meta, source)
+    with open(folder / WEIGHTS_FILE, "rb") as fh:
+        sha = hashlib.file_digest(fh, "sha256").hexdigest()
+    return teacher, sha
 
 
 def cmd_train(args: argparse.Namespace, params: Params) -> int:
@@ -166,7 +191,7 @@ def cmd_train(args: argparse.Namespace, params: Params) -> int:
     dist = init_distributed(args.device)
     try:
         track = dist.is_main and not args.no_tracking
-        if track or recipe["source"].startswith("mlflow:"):
+        if track or any(str(src).startswith("mlflow:") for src in (recipe["source"], recipe["teacher"])):
             tracking.configure(params.tracking.uri, params.tracking.experiment)
         with tempfile.TemporaryDirectory(prefix="vitops-source-") as work:
             source = _resolve_source(recipe["source"], Path(work))
@@ -174,28 +199,29 @@ def cmd_train(args: argparse.Namespace, params: Params) -> int:
             model, arch, kwargs = create_model(
                 source, recipe["model"], len(classes), recipe["img_size"], recipe["model_kwargs"], allow_scratch=True
             )
+            meta = resolve_meta(model, arch, classes, recipe["img_size"], kwargs, crop_pct=params.train.crop_pct)
+            teacher, teacher_sha = _teacher(recipe["teacher"], classes, meta, Path(work))
         if recipe["source"] == "scratch" and not args.baseline:
             log.warning("training the ViT from random weights (source: scratch) as explicitly configured")
         data_version = _data_version(root)
-        extra = {
-            "source": recipe["source"],
-            "kind": kind,
-            "data_version": data_version,
-            "git_commit": tracking.git_commit(),
-        }
-        meta = resolve_meta(
-            model, arch, classes, recipe["img_size"], kwargs, crop_pct=params.train.crop_pct, extra=extra
+        meta.extra.update(
+            source=recipe["source"], kind=kind, data_version=data_version, git_commit=tracking.git_commit()
         )
+        if teacher is not None:
+            meta.extra.update(teacher=recipe["teacher"], distill=cfg.distill)
         augment = AugmentParams(**_same_named(AugmentParams, params.train))
         cache = _fits_in_memory(rows)
         train_set = create_dataset(root, rows, meta, "train", augment, cache=cache)
         val_set = create_dataset(root, rows, meta, "val", cache=cache)
         fingerprint = {"model": arch, "model_kwargs": kwargs, "classes": classes, "source": recipe["source"]}
         fingerprint["train_images"] = len(train_set)
+        if teacher is not None:
+            fingerprint["teacher"] = {"source": recipe["teacher"], "weights_sha256": teacher_sha}
         run_params = {
             "kind": kind,
             "model": arch,
             "source": recipe["source"],
+            "teacher": recipe["teacher"] or "none",
             "img_size": recipe["img_size"],
             **{f"model.{k}": v for k, v in kwargs.items()},
             **{k: v for k, v in recipe["config"].items()},
@@ -220,6 +246,7 @@ def cmd_train(args: argparse.Namespace, params: Params) -> int:
                 overwrite=args.overwrite,
                 on_epoch=on_epoch,
                 fingerprint=fingerprint,
+                teacher=teacher,
             )
 
         if not track:
@@ -233,7 +260,7 @@ def cmd_train(args: argparse.Namespace, params: Params) -> int:
             "stage": "train",
             "kind": kind,
             "data_version": data_version or "unknown",
-            "git_commit": extra["git_commit"],
+            "git_commit": meta.extra["git_commit"],
         }
         with tracking.start_or_resume_run(f"train-{kind}", run_id=previous, tags=tags) as run:
             run_id_file.parent.mkdir(parents=True, exist_ok=True)

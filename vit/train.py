@@ -72,6 +72,9 @@ class TrainConfig:
         compile: run the model through `torch.compile`.
         workers: data-loading processes per training process.
         deterministic: ask torch for deterministic kernels (slower on GPU; CPU runs are deterministic anyway).
+        distill: `hard` or `soft` distillation when `fit` is given a teacher (vit/distill.py).
+        distill_alpha: weight of the teacher's term against the labels' (1 - alpha).
+        distill_temperature: temperature of `soft` distillation.
     """
 
     epochs: int = 15
@@ -96,6 +99,9 @@ class TrainConfig:
     compile: bool = False
     workers: int = 0
     deterministic: bool = False
+    distill: str = "hard"
+    distill_alpha: float = 0.5
+    distill_temperature: float = 3.0
 
 
 @dataclass
@@ -189,9 +195,11 @@ def train_one_epoch(
     mixup_fn: Any = None,
     ema: Any = None,
     scaler: Any = None,
+    teacher: nn.Module | None = None,
     show_progress: bool = True,
 ) -> tuple[dict[str, float], int]:
-    """One pass over `loader` with gradient accumulation and per-update lr scheduling.
+    """One pass over `loader` with gradient accumulation and per-update lr scheduling. With a `teacher`,
+    `loss_fn` is a `DistillationLoss` and also gets the teacher's logits for the same (augmented) images.
 
     Returns:
         Training metrics (loss averaged over all ranks, lr, img_per_s) and the updated optimizer-step count.
@@ -221,7 +229,8 @@ def train_one_epoch(
         sync = nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-                loss = loss_fn(model(images), targets)
+                logits = model(images)
+                loss = loss_fn(logits, targets) if teacher is None else loss_fn(logits, targets, teacher(images))
             scaled = loss / cfg.accum_steps
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if last_micro:
@@ -309,6 +318,7 @@ def fit(
     overwrite: bool = False,
     on_epoch: EpochCallback | None = None,
     fingerprint: Mapping[str, Any] | None = None,
+    teacher: nn.Module | None = None,
     show_progress: bool = True,
 ) -> FitResult:
     """Train `model` on `train_set`, validate every epoch, keep the best weights, checkpoint every epoch.
@@ -325,7 +335,8 @@ def fit(
         resume: continue from `checkpoint_dir/last.pt` when it exists.
         overwrite: start afresh even if `checkpoint_dir` holds an earlier run's checkpoint.
         on_epoch: called on rank 0 after every epoch with (epoch, metrics).
-        fingerprint: settings that must match for a resume to be valid (model, data, source).
+        fingerprint: settings that must match for a resume to be valid (model, data, source, teacher).
+        teacher: a `vit.distill.Teacher` to distil from (cfg.distill, distill_alpha, distill_temperature).
         show_progress: draw tqdm bars on rank 0 (TQDM_DISABLE=1 also turns them off).
 
     Raises:
@@ -344,7 +355,11 @@ def fit(
     device = dist.device
     checkpoint_dir = Path(checkpoint_dir)
     last_path = checkpoint_dir / LAST_CHECKPOINT
-    fingerprint = {"config": _config_fingerprint(cfg), "world_size": dist.world_size, **dict(fingerprint or {})}
+    fingerprint = {
+        "config": _config_fingerprint(cfg, distilling=teacher is not None),
+        "world_size": dist.world_size,
+        **dict(fingerprint or {}),
+    }
     if last_path.exists() and not (resume or overwrite):
         raise CheckpointError(
             f"{checkpoint_dir} holds a checkpoint of an earlier run; pass --resume to continue it or --overwrite "
@@ -389,6 +404,11 @@ def fit(
         loss_fn: nn.Module = SoftTargetCrossEntropy() if weight is None else _WeightedSoftTargetCE(weight)
     else:
         loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    if teacher is not None:
+        from vit.distill import DistillationLoss
+
+        teacher = teacher.to(device)
+        loss_fn = DistillationLoss(loss_fn, cfg.distill, cfg.distill_alpha, cfg.distill_temperature)  # type: ignore[arg-type]
     ema = ModelEmaV3(raw, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
     dtype = amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
@@ -427,6 +447,7 @@ def fit(
             mixup_fn=mixup_fn,
             ema=ema,
             scaler=scaler,
+            teacher=teacher,
             show_progress=show_progress and dist.is_main,
         )
         val = evaluate(eval_module, val_loader, device, cfg.amp, cfg.channels_last)
@@ -495,7 +516,7 @@ class _WeightedSoftTargetCE(nn.Module):
         return (-(target * self.weight) * logits.log_softmax(dim=-1)).sum(dim=-1).mean()
 
 
-def _config_fingerprint(cfg: TrainConfig) -> dict[str, Any]:
+def _config_fingerprint(cfg: TrainConfig, distilling: bool = False) -> dict[str, Any]:
     # Settings that do not change the result may differ between the interrupted and the resumed run.
-    skip = {"workers", "compile"}
+    skip = {"workers", "compile"} | (set() if distilling else {"distill", "distill_alpha", "distill_temperature"})
     return {k: v for k, v in asdict(cfg).items() if k not in skip}
