@@ -200,7 +200,7 @@ def cmd_train(args: argparse.Namespace, params: Params) -> int:
                 source, recipe["model"], len(classes), recipe["img_size"], recipe["model_kwargs"], allow_scratch=True
             )
             meta = resolve_meta(model, arch, classes, recipe["img_size"], kwargs, crop_pct=params.train.crop_pct)
-            teacher, teacher_sha = _teacher(recipe["teacher"], classes, meta, Path(work))
+            teacher, teacher_sha = _teacher(recipe["teacher"], classes, meta, Path(work) / "teacher")
         if recipe["source"] == "scratch" and not args.baseline:
             log.warning("training the ViT from random weights (source: scratch) as explicitly configured")
         data_version = _data_version(root)
