@@ -137,10 +137,11 @@ def measure_cpu(
     import torch
 
     from deploy.export import export_onnx
-    from deploy.latency import bench_backends, ort_runner, thread_candidates, torch_runner, tune_threads
+    from deploy.latency import bench_backends, ort_runner, torch_runner
     from deploy.onnxrt import QuantSettings, create_session, optimize_onnx, quantize_onnx, session_logits
     from deploy.parity import compare_logits, torch_logits
     from deploy.roofline import achieved_gflops, model_flops
+    from deploy.timing import thread_candidates, tune_threads
 
     onnx_path = work / f"{name}.onnx"
     result = export_onnx(model, torch.from_numpy(images[:2]), onnx_path)

@@ -211,7 +211,7 @@ def _printable(rel: str, row: dict[str, Any]) -> str:
 
 def write_manifest(manifest: pd.DataFrame, path: Path) -> Path:
     """Write a manifest CSV (UTF-8) atomically, creating its folder: an interrupted scan keeps the old one."""
-    from data_checks.files import atomic_write
+    from common.files import atomic_write
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

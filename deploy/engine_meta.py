@@ -10,13 +10,12 @@ interrupted build leaves the previous good engine, or nothing, but never a parti
 
 from __future__ import annotations
 
-import hashlib
 import json
-import time
-from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
+
+from common.files import atomic_write_bytes
 
 META_SUFFIX = ".json"
 
@@ -69,61 +68,10 @@ def vitops_version() -> str:
         return "unknown"
 
 
-def utc_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], None] | Iterable[bytes] | bytes) -> Path:
-    """Write `path` through a temp file in the same folder and `os.replace` (`data_checks.files.atomic_write`).
-
-    Args:
-        path: final file.
-        write: the bytes, an iterable of byte chunks, or a function that writes into the open temp file.
-
-    Any exception, KeyboardInterrupt included, removes the temp file and leaves an existing `path` as it was.
-    """
-    from data_checks.files import atomic_write as write_through_temp
-
-    def _write(tmp: str) -> None:
-        with open(tmp, "wb") as fh:
-            if callable(write):
-                write(fh)
-            elif isinstance(write, bytes | bytearray | memoryview):
-                fh.write(write)
-            else:
-                for chunk in write:
-                    fh.write(chunk)
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_through_temp(path, _write)
-    return path
-
-
-def atomic_copy(src: Path, dst: Path) -> Path:
-    """Copy a file atomically (used to publish a finished engine written elsewhere)."""
-
-    def _copy(fh: BinaryIO) -> None:
-        with open(src, "rb") as inp:
-            while block := inp.read(1 << 20):
-                fh.write(block)
-
-    return atomic_write(dst, _copy)
-
-
 def write_meta(engine_path: Path, meta: EngineMeta) -> Path:
     """Write `<engine>.json` atomically."""
     text = json.dumps(asdict(meta), indent=2, sort_keys=True)
-    return atomic_write(meta_path(engine_path), text.encode("utf-8"))
+    return atomic_write_bytes(meta_path(engine_path), text.encode("utf-8"))
 
 
 def read_meta(engine_path: Path) -> EngineMeta:
@@ -190,4 +138,4 @@ def save_timing_cache(path: Path, data: bytes) -> Path | None:
     """Save a TensorRT timing cache atomically, so concurrent or interrupted builds never corrupt it."""
     if not data:
         return None
-    return atomic_write(Path(path).expanduser(), bytes(data))
+    return atomic_write_bytes(Path(path).expanduser(), bytes(data))

@@ -20,7 +20,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from deploy.engine_meta import EngineMeta, atomic_copy, sha256_file, utc_now, vitops_version, write_meta
+from common.files import atomic_copy, sha256_file, utc_now
+from deploy.engine_meta import EngineMeta, vitops_version, write_meta
 from deploy.parity import ParityReport, compare_logits, require_parity, torch_logits
 
 log = logging.getLogger(__name__)

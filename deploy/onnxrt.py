@@ -26,7 +26,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from deploy.engine_meta import EngineMeta, atomic_copy, sha256_file, utc_now, vitops_version, write_meta
+from common.files import atomic_copy, sha256_file, utc_now
+from deploy.engine_meta import EngineMeta, vitops_version, write_meta
 from deploy.parity import ParityReport, compare_logits, require_parity, run_batched
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,13 @@ def engine_threads(path: Path) -> int:
         return int(read_meta(Path(path)).extra.get("threads") or 0)
     except (EngineMismatchError, TypeError, ValueError):
         return 0
+
+
+def session_runner(path: Path, threads: int = 0) -> Any:
+    """A batch runner `run(images) -> logits` over a session of `path`; `threads` 0 = as tuned at build."""
+    session = create_session(path, threads or engine_threads(path))
+    name = session.get_inputs()[0].name
+    return lambda images: session.run(None, {name: images})[0]
 
 
 def session_logits(session: Any, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
@@ -321,7 +329,7 @@ def build_ort_engine(
     """
     import onnxruntime as ort
 
-    from deploy.latency import ort_runner, thread_candidates, tune_threads
+    from deploy.timing import thread_candidates, tune_threads
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -339,7 +347,7 @@ def build_ort_engine(
         serving = {"threads": threads, "thread_p50_ms": None}
         if not threads:
             candidates = thread_candidates(physical_cores())
-            best, p50 = tune_threads(lambda n: ort_runner(candidate, n), images[:1], candidates)
+            best, p50 = tune_threads(lambda n: session_runner(candidate, n), images[:1], candidates)
             serving = {"threads": best, "thread_p50_ms": {str(n): round(ms, 4) for n, ms in p50.items()}}
             log.info("%s: batch-1 p50 by threads %s ms; serving with %d", label, serving["thread_p50_ms"], best)
         meta = EngineMeta(

@@ -85,7 +85,7 @@ def gemm_peak_gflops(backend: str = "torch", threads: int = 0, n: int = 2048, re
         n: matrix side; 2048 is large enough to reach peak on CPUs, use 8192 on GPUs.
         repeats: timed products; the fastest counts.
     """
-    from deploy.latency import _time_in_turns
+    from deploy.timing import time_in_turns
 
     flops = 2.0 * n**3
     a = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
@@ -96,7 +96,7 @@ def gemm_peak_gflops(backend: str = "torch", threads: int = 0, n: int = 2048, re
             path = Path(tmp) / "matmul.onnx"
             _matmul_onnx(path, n)
             session = create_session(path, threads)
-            times = _time_in_turns({backend: lambda x: session.run(None, {"x": x})}, a, [repeats])[backend]
+            times = time_in_turns({backend: lambda x: session.run(None, {"x": x})}, a, [repeats])[backend]
     elif backend in ("torch", "cuda"):
         import torch
 
@@ -109,7 +109,7 @@ def gemm_peak_gflops(backend: str = "torch", threads: int = 0, n: int = 2048, re
         try:
             x = torch.from_numpy(a).to(device)
             sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-            times = _time_in_turns({backend: lambda _: (torch.mm(x, x), sync())}, a, [repeats])[backend]
+            times = time_in_turns({backend: lambda _: (torch.mm(x, x), sync())}, a, [repeats])[backend]
         finally:
             torch.set_num_threads(before)
             torch.backends.cuda.matmul.allow_tf32 = tf32

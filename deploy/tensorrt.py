@@ -24,15 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from common.files import atomic_write_bytes, sha256_file, utc_now
 from deploy.engine_meta import (
     EngineMeta,
-    atomic_write,
     check_compatible,
     load_timing_cache,
     read_meta,
     save_timing_cache,
-    sha256_file,
-    utc_now,
     vitops_version,
     write_meta,
 )
@@ -250,7 +248,7 @@ def build_trt_engine(
         "reused" if cache_in else "new",
     )
     engine, cache_out, pinned = _trt_build(onnx_path, plan, cache_in)
-    atomic_write(Path(out), _chunks(engine))
+    atomic_write_bytes(Path(out), _chunks(engine))
     save_timing_cache(timing_cache, cache_out)
     meta = EngineMeta(
         target="tensorrt",

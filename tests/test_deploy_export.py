@@ -168,8 +168,8 @@ def test_thread_tuning_picks_the_fastest_count_and_a_fixed_count_skips_it(
 ) -> None:
     import time
 
-    from deploy.latency import thread_candidates, tune_threads
     from deploy.onnxrt import engine_threads
+    from deploy.timing import thread_candidates, tune_threads
 
     assert thread_candidates(1) == [1] and thread_candidates(2) == [1, 2] and thread_candidates(6) == [1, 2, 4, 6]
     delays = {1: 0.004, 2: 0.001, 4: 0.002}  # more threads are not always faster

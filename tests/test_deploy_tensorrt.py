@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from common.files import atomic_write_bytes
 from deploy import tensorrt as trt_mod
 from deploy.engine_meta import (
     EngineMeta,
     EngineMismatchError,
-    atomic_write,
     check_compatible,
     meta_path,
     read_meta,
@@ -218,14 +218,14 @@ def test_interrupted_build_leaves_no_engine(tmp_path: Path, onnx_file: Path, mon
 
 def test_atomic_write_and_timing_cache_keep_old_content_on_error(tmp_path: Path) -> None:
     target = tmp_path / "f.bin"
-    atomic_write(target, b"old")
+    atomic_write_bytes(target, b"old")
 
     def fail(fh) -> None:
         fh.write(b"partial")
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        atomic_write(target, fail)
+        atomic_write_bytes(target, fail)
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
     assert save_timing_cache(tmp_path / "empty.cache", b"") is None  # nothing to save: no file
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from data_checks.files import atomic_write
+from common.files import atomic_write
 from vit.distributed import DistInfo
 
 LAST_CHECKPOINT = "last.pt"

@@ -1,0 +1,1 @@
+"""Helpers every layer of vitops needs (atomic writes, hashing, timestamps), free of heavy imports."""
