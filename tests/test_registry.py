@@ -1,0 +1,386 @@
+"""The registry against a real MLflow server: registration with its serving artifacts, gated and checked alias
+moves, a race of two promoter processes, rollback, the history seen from another process, stale claims, and
+refused input that leaves the registry exactly as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from deploy.export import export_onnx
+from deploy.onnxrt import build_ort_engine
+from deploy.parity import torch_logits
+from flows import registry
+from flows.registry import MoveConflict, RegistryError
+from vit.bundle import ModelMeta, save_bundle
+
+CLASSES = ["bolt", "nut", "washer"]
+
+
+@dataclass
+class Release:
+    """What a flow hands to `register_version`: model folder, ONNX export, engines, bench numbers."""
+
+    model_dir: Path
+    onnx: Path
+    engines: list[Path]
+    serving: dict[str, Any]
+    model: torch.nn.Module
+
+
+def build_release(out: Path, seed: int = 0) -> Release:
+    """A tiny ViT (32 px, 1 block) as a model folder, its ONNX export and an FP32 ONNX Runtime engine."""
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=len(CLASSES))
+    with torch.no_grad():
+        model.head.weight.mul_(20.0)  # margins like a trained model's, so argmax is stable across runtimes
+    model.eval()
+    meta = ModelMeta(
+        model="vit_tiny_patch16_224",
+        classes=CLASSES,
+        img_size=32,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        crop_pct=0.875,
+        model_kwargs={"patch_size": 8, "depth": 1},
+    )
+    model_dir = save_bundle(model, meta, out / "model")
+    x = np.random.default_rng(seed).standard_normal((8, 3, 32, 32), dtype=np.float32)
+    onnx = export_onnx(model, torch.from_numpy(x[:2]), out / "export" / "model.onnx", exporter="torchscript").path
+    engine, _ = build_ort_engine(
+        onnx, out / "engines" / "onnxruntime" / "fp32.onnx", x, torch_logits(model, x), threads=1
+    )
+    serving = {
+        "engines": [{"file": "onnxruntime/fp32.onnx", "target": "onnxruntime", "precision": "fp32", "p50_ms": 0.4}]
+    }
+    return Release(model_dir, onnx, [engine], serving, model)
+
+
+def new_run(experiment: str = "registry-tests") -> str:
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    return client.create_run(experiment_id, tags={"purpose": "test"}).info.run_id
+
+
+def register(name: str, release: Release, passed: bool = True, **tags: str) -> str:
+    gate = {"gate.passed": str(passed).lower(), "gate.reasons": "" if passed else "top1 0.50 < 0.90"}
+    return registry.register_version(
+        name, new_run(), release.model_dir, release.onnx, release.engines, release.serving, {**gate, **tags}
+    )
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def state(name: str) -> dict[str, Any]:
+    """Everything the registry holds for `name`: registered models under that prefix, versions, aliases."""
+    client = MlflowClient()
+    models = sorted(m.name for m in client.search_registered_models(f"name LIKE '{name}%'", max_results=1000))
+    versions = sorted(v.version for v in client.search_model_versions(f"name = '{name}'")) if name in models else []
+    aliases = client.get_registered_model(name).aliases if name in models else {}
+    return {"models": models, "versions": versions, "aliases": aliases}
+
+
+def champion(name: str) -> str | None:
+    return MlflowClient().get_registered_model(name).aliases.get("champion")
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory: pytest.TempPathFactory) -> Release:
+    return build_release(tmp_path_factory.mktemp("release"))
+
+
+@pytest.fixture()
+def server(tracking: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The test server, also when an earlier test pinned another URI with `mlflow.set_tracking_uri`."""
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.setattr(utils, "_tracking_uri", None)  # so MLFLOW_TRACKING_URI, set by `tracking`, is read
+    return tracking
+
+
+def test_registered_version_carries_tags_artifacts_and_lineage(server: str, release: Release) -> None:
+    name = unique("reg")
+    version = register(name, release, data_version="abc123", git_commit="deadbeef", train_run_id="")
+    info = registry.version_info(name, version)
+    assert info.version == version == "1" and info.source.endswith("/pyfunc")
+    assert info.tags["data_version"] == "abc123" and info.tags["gate.passed"] == "true"
+    files = {a.path for a in MlflowClient().list_artifacts(info.run_id, "pyfunc/artifacts")}
+    assert {"pyfunc/artifacts/model", "pyfunc/artifacts/engines", "pyfunc/artifacts/serving.json"} <= files
+    assert "pyfunc/artifacts/model.onnx" in files
+    assert {a.path for a in MlflowClient().list_artifacts(info.run_id, "pyfunc")} >= {"pyfunc/MLmodel", "pyfunc/code"}
+
+    registry.move_alias(name, "candidate", version, expect=None, reason="passed the KPI gate")
+    facts = registry.lineage(name, "candidate")
+    assert facts["version"]["aliases"] == ["candidate"] and facts["gate"]["passed"] == "true"
+    assert facts["run"]["tags"]["purpose"] == "test" and facts["train_run"] is None
+    (engine,) = facts["engines"]
+    assert engine["file"] == "onnxruntime/fp32.onnx" and engine["sha256"] == sha256(release.engines[0])
+    assert engine["meta"]["target"] == "onnxruntime" and engine["threads"] == 1
+    assert facts["serving"]["onnx"]["sha256"] == sha256(release.onnx)
+    assert [(m["alias"], m["to_version"]) for m in facts["moves"]] == [("candidate", "1")]
+    assert not registry.is_history_model(name) and registry.is_history_model(f"{name}.history.candidate.000001")
+
+
+def test_failed_gate_is_refused_unless_overridden_with_a_reason(server: str, release: Release) -> None:
+    name = unique("gate")
+    version = register(name, release, passed=False)
+    with pytest.raises(RegistryError, match=r"did not pass the gate \(gate.passed=false; reasons: top1 0.50 < 0.90\)"):
+        registry.move_alias(name, "champion", version, expect="none", reason="ship it")
+    with pytest.raises(RegistryError, match="needs a reason"):
+        registry.move_alias(name, "champion", version, expect="none", reason=" ", override_gate=True)
+    assert registry.history(name) == [] and champion(name) is None
+
+    approval = {"by": "alice", "comment": "accepted for the pilot week"}
+    record = registry.move_alias(
+        name, "champion", version, expect="none", reason="known data shift", approval=approval, override_gate=True
+    )
+    assert record.override and record.completed and champion(name) == version
+    (entry,) = registry.history(name, "champion")
+    assert entry.override and entry.reason == "known data shift" and entry.approval == approval
+    assert entry.from_version is None and entry.to_version == version
+
+
+def test_expect_mismatch_is_refused_and_leaves_the_alias(server: str, release: Release) -> None:
+    name = unique("expect")
+    v1, v2 = register(name, release), register(name, release)
+    registry.move_alias(name, "champion", v1, expect="none", reason="first")
+    with pytest.raises(MoveConflict, match=f"champion of {name} points at {v1}, not {v2} as expected"):
+        registry.move_alias(name, "champion", v2, expect=v2, reason="wrong expectation")
+    with pytest.raises(MoveConflict, match="points at 1, not none"):
+        registry.move_alias(name, "champion", v2, expect="none", reason="thought it unset")
+    assert champion(name) == v1 and len(registry.history(name, "champion")) == 1
+
+
+RACER = """
+import sys, time
+from pathlib import Path
+from flows.registry import MoveConflict, move_alias
+go, ready, name, version, expect = sys.argv[1:]
+Path(ready).touch()
+while not Path(go).exists():
+    time.sleep(0.002)
+try:
+    record = move_alias(name, "champion", version, expect=expect, reason="race " + version)
+except MoveConflict as err:
+    print(err)
+    sys.exit(3)
+print("won entry", record.seq)
+"""
+
+
+def test_two_racing_promoters_exactly_one_wins(server: str, release: Release, tmp_path: Path) -> None:
+    name = unique("race")
+    v1, v2, v3 = (register(name, release) for _ in range(3))
+    registry.move_alias(name, "champion", v1, expect="none", reason="start")
+    go = tmp_path / "go"
+    racers = {
+        v: subprocess.Popen(
+            [sys.executable, "-c", RACER, str(go), str(tmp_path / f"ready-{v}"), name, v, v1],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for v in (v2, v3)
+    }
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"ready-{v}").exists() for v in racers) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()  # both are polling: released within milliseconds of each other
+    results = {v: (p.wait(timeout=120), p.stdout.read()) for v, p in racers.items()}  # type: ignore[union-attr]
+    codes = sorted(code for code, _ in results.values())
+    assert codes == [0, 3], results
+    winner = next(v for v, (code, _) in results.items() if code == 0)
+    loser_message = next(out for code, out in results.values() if code == 3)
+    assert "won the race" in loser_message or "in progress" in loser_message or "not 1 as expected" in loser_message
+    entries = registry.history(name, "champion")
+    assert [(e.seq, e.from_version, e.to_version) for e in entries] == [(1, None, v1), (2, v1, winner)]
+    assert all(e.completed for e in entries) and champion(name) == winner
+
+
+class _CompetitorBeforeClaim:
+    """An MlflowClient that lets a competing mover complete between this mover's reads and its claim."""
+
+    def __init__(self, competitor: Any) -> None:
+        self._inner, self._competitor = MlflowClient(), competitor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def create_registered_model(self, name: str, **kwargs: Any) -> Any:
+        if ".history." in name and self._competitor is not None:
+            self._competitor, competitor = None, self._competitor
+            competitor()
+        return self._inner.create_registered_model(name, **kwargs)
+
+
+def test_a_mover_that_read_before_the_winner_claimed_loses_the_claim(
+    server: str, release: Release, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The subprocess race above mostly ends with the loser reading after the winner's claim; this pins down the
+    # other interleaving: both read the same history, the winner claims first, the loser's claim is refused.
+    name = unique("claim")
+    v1, v2, v3 = (register(name, release) for _ in range(3))
+    registry.move_alias(name, "champion", v1, expect="none", reason="start")
+    clients = iter([_CompetitorBeforeClaim(lambda: registry.move_alias(name, "champion", v3, expect=v1, reason="A"))])
+    monkeypatch.setattr(registry, "_client", lambda: next(clients, None) or MlflowClient())
+    with pytest.raises(MoveConflict, match=f"another move of champion of {name} won the race: entry 2"):
+        registry.move_alias(name, "champion", v2, expect=v1, reason="B")
+    entries = registry.history(name, "champion")
+    assert [(e.seq, e.to_version, e.reason) for e in entries] == [(1, v1, "start"), (2, v3, "A")]
+    assert champion(name) == v3
+
+
+def test_rollback_restores_the_previous_holder_and_is_recorded(server: str, release: Release) -> None:
+    name = unique("rollback")
+    v1, v2 = register(name, release), register(name, release)
+    registry.move_alias(name, "champion", v1, expect="none", reason="first")
+    with pytest.raises(RegistryError, match="no earlier holder"):
+        registry.rollback(name, reason="nothing before v1")
+    registry.move_alias(name, "champion", v2, expect=v1, reason="better top-1", flow_run_id="flow-42")
+    record = registry.rollback(name, reason="latency regression", flow_run_id="flow-43")
+    assert (record.from_version, record.to_version, record.seq) == (v2, v1, 3) and champion(name) == v1
+    last = registry.history(name, "champion")[-1]
+    assert last.reason == "latency regression" and last.flow_run_id == "flow-43" and "rollback" in last.note
+
+
+def test_history_from_another_process_equals_this_one(server: str, release: Release) -> None:
+    name = unique("hist")
+    v1, v2 = register(name, release), register(name, release)
+    registry.move_alias(name, "candidate", v1, expect=None, reason="gate passed")
+    registry.move_alias(name, "champion", v1, expect="none", reason="approved", approval={"by": "bob"})
+    registry.move_alias(name, "candidate", v2, expect=v1, reason="gate passed")
+    registry.move_alias(name, "candidate", None, expect=v2, reason="withdrawn")
+    here = [asdict(r) for r in registry.history(name)]
+    code = "import json, sys; from dataclasses import asdict; from flows.registry import history; "
+    code += "print(json.dumps([asdict(r) for r in history(sys.argv[1])]))"
+    out = subprocess.run([sys.executable, "-c", code, name], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == here
+    assert [(r["alias"], r["from_version"], r["to_version"]) for r in here] == [
+        ("candidate", None, v1),
+        ("champion", None, v1),
+        ("candidate", v1, v2),
+        ("candidate", v2, None),
+    ]
+    assert "candidate" not in MlflowClient().get_registered_model(name).aliases
+
+
+def test_bad_requests_are_clear_errors_and_change_nothing(server: str, release: Release, tmp_path: Path) -> None:
+    name = unique("bad")
+    v1 = register(name, release)
+    registry.move_alias(name, "champion", v1, expect="none", reason="first")
+    before = state(name)
+    with pytest.raises(RegistryError, match=f"no registered model 'no-such-model' at {server}"):
+        registry.move_alias("no-such-model", "champion", "1", expect=None, reason="x")
+    with pytest.raises(RegistryError, match=f"{name} has no version 99 at {server}"):
+        registry.move_alias(name, "pilot", "99", expect=None, reason="x")
+    for reserved in ("latest", "v1"):
+        with pytest.raises(RegistryError, match=r"MLflow itself reserves 'latest'.*candidate, pilot, champion"):
+            registry.move_alias(name, reserved, v1, expect=None, reason="x")
+    with pytest.raises(RegistryError, match="not allowed; vitops uses candidate, pilot, champion"):
+        registry.move_alias(name, "production", v1, expect=None, reason="x")
+    with pytest.raises(RegistryError, match="no earlier holder"):
+        registry.rollback(name, reason="x")
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.json").write_bytes((release.model_dir / "model.json").read_bytes())
+    with pytest.raises(RegistryError, match="missing weights.safetensors"):
+        registry.register_version(name, new_run(), broken, release.onnx, release.engines, release.serving, {})
+    new_name = unique("never")
+    with pytest.raises(RegistryError, match="missing weights.safetensors"):
+        registry.register_version(new_name, new_run(), broken, release.onnx, release.engines, release.serving, {})
+    lone = tmp_path / "lone.onnx"
+    lone.write_bytes(release.engines[0].read_bytes())
+    with pytest.raises(RegistryError, match="lone.onnx: engine file or its metadata lone.onnx.json is missing"):
+        registry.register_version(name, new_run(), release.model_dir, release.onnx, [lone], {}, {})
+    with pytest.raises(RegistryError, match=r"serving entries \['tensorrt/fp16.plan'\] match none"):
+        serving = {"engines": [{"file": "tensorrt/fp16.plan", "target": "tensorrt", "p50_ms": 0.1}]}
+        registry.register_version(name, new_run(), release.model_dir, release.onnx, release.engines, serving, {})
+    assert state(name) == before and state(new_name)["models"] == []
+
+
+def test_unreachable_server_names_its_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    with pytest.raises(RegistryError, match=f"MLflow at http://127.0.0.1:{port}: reading registered model m failed"):
+        registry.history("m")
+
+
+def _plant(name: str, seq: int, from_version: str, to_version: str, age: timedelta) -> None:
+    """An uncompleted history entry as a mover leaves it between its claim and its alias set."""
+    tags = {
+        "vitops.history": "true",
+        "model": name,
+        "alias": "champion",
+        "from_version": from_version,
+        "to_version": to_version,
+        "time": (datetime.now(UTC) - age).isoformat(),
+        "user": "crashed",
+        "host": "elsewhere",
+        "flow_run_id": "",
+        "reason": "promotion that died",
+        "approval": "",
+        "override": "false",
+        "completed": "false",
+    }
+    MlflowClient().create_registered_model(f"{name}.history.champion.{seq:06d}", tags=tags)
+
+
+def test_claims_in_progress_block_and_stale_ones_are_rolled_forward(
+    server: str, release: Release, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = unique("stale")
+    v1, v2, v3 = (register(name, release) for _ in range(3))
+    registry.move_alias(name, "champion", v1, expect="none", reason="first")
+    _plant(name, 2, v1, v2, age=timedelta(seconds=5))
+    with pytest.raises(MoveConflict, match="a move of champion .* is in progress .*crashed@elsewhere"):
+        registry.move_alias(name, "champion", v3, expect=v1, reason="too early")
+    assert champion(name) == v1 and len(registry.history(name, "champion")) == 2
+
+    MlflowClient().delete_registered_model(f"{name}.history.champion.000002")
+    _plant(name, 2, v1, v2, age=timedelta(minutes=10))
+    with caplog.at_level(logging.WARNING, logger="flows.registry"):
+        record = registry.move_alias(name, "champion", v3, expect=v2, reason="after the crash")
+    assert "rolling forward the abandoned move 2" in caplog.text
+    entries = registry.history(name, "champion")
+    assert [(e.seq, e.to_version, e.completed) for e in entries] == [(1, v1, True), (2, v2, True), (3, v3, True)]
+    assert record.from_version == v2 and champion(name) == v3
+
+
+def test_alias_moved_outside_vitops_is_reported(server: str, release: Release) -> None:
+    name = unique("outside")
+    v1, v2, v3 = (register(name, release) for _ in range(3))
+    registry.move_alias(name, "champion", v1, expect="none", reason="first")
+    MlflowClient().set_registered_model_alias(name, "champion", v2)  # someone used the MLflow UI
+    record = registry.move_alias(name, "champion", v3, expect=v2, reason="next")
+    assert record.from_version == v2 and "moved outside vitops: history said 1, registry had 2" in record.note
+    assert registry.history(name, "champion")[-1].note == record.note
