@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,9 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from deploy.engine_meta import atomic_write, utc_now
-
-Runner = Callable[[np.ndarray], Any]
+from common.files import atomic_write_bytes, utc_now
+from deploy.timing import Runner, percentiles_ms, time_in_turns
 
 
 @dataclass
@@ -40,12 +38,7 @@ class BenchResult:
     note: str = ""
     threads: int = 0
     gflops: float = 0.0  # model GFLOP/s that the batch-1 p50 implies (0 = FLOPs not counted)
-
-
-def percentiles_ms(seconds: list[float]) -> tuple[float, float, float]:
-    """p50, p95, p99 of durations in seconds, as milliseconds."""
-    p50, p95, p99 = np.percentile(np.asarray(seconds) * 1e3, [50, 95, 99])
-    return float(p50), float(p95), float(p99)
+    samples_ms: list[float] | None = None  # every timed batch-1 call, for latency distributions
 
 
 class _RssPeak:
@@ -126,8 +119,8 @@ def bench_backends(
     # and blocks (with a pause between them) keep one runtime's spinning worker threads, which wait
     # busily for a moment after each call, from stealing cores from the next runtime.
     blocks = max(1, min(10, iters // 10))
-    times = _time_in_turns(runners, image, [iters // blocks + (1 if b < iters % blocks else 0) for b in range(blocks)])
-    spent = {name: sum(t) for name, t in _time_in_turns(runners, batch, [throughput_rounds]).items()}
+    times = time_in_turns(runners, image, [iters // blocks + (1 if b < iters % blocks else 0) for b in range(blocks)])
+    spent = {name: sum(t) for name, t in time_in_turns(runners, batch, [throughput_rounds]).items()}
     results = []
     for name in runners:
         p50, p95, p99 = percentiles_ms(times[name])
@@ -144,62 +137,51 @@ def bench_backends(
                 device=device,
                 note=notes.get(name, ""),
                 threads=(threads or {}).get(name, 0),
+                samples_ms=[round(t * 1e3, 4) for t in times[name]],
             )
         )
     return results
 
 
-def _settle(seconds: float = 0.02) -> None:
-    time.sleep(seconds)
+@dataclass
+class BenchGroup:
+    """Backends timed together on one device, against the torch reference of that device."""
+
+    device: str  # cpu | cuda
+    reference: str
+    backends: list[str]
 
 
-def _time_in_turns(runners: dict[Any, Runner], image: np.ndarray, blocks: list[int]) -> dict[Any, list[float]]:
-    """Per-call durations (s) of every runner, timed in blocks of the given sizes with the runners taking turns."""
-    times: dict[Any, list[float]] = {key: [] for key in runners}
-    for count in blocks:
-        for key, run in runners.items():
-            _settle()
-            run(image)
-            for _ in range(count):
-                start = time.perf_counter()
-                run(image)
-                times[key].append(time.perf_counter() - start)
-    return times
+CPU_BACKENDS = ("torch-eager", "onnxruntime-fp32", "onnxruntime-int8")
+CUDA_BACKENDS = ("torch-cuda", "torch-cuda-compile", "tensorrt-fp16", "tensorrt-int8")
 
 
-def thread_candidates(cores: int) -> list[int]:
-    """Thread counts worth trying on `cores` physical cores: 1, 2, 4, ... and `cores` itself."""
-    candidates = {cores}
-    n = 1
-    while n < cores:
-        candidates.add(n)
-        n *= 2
-    return sorted(candidates)
+def plan_bench(device: str, cuda_available: bool, built: set[str]) -> list[BenchGroup]:
+    """Which backends to time on which device: like with like.
 
-
-def tune_threads(
-    make_runner: Callable[[int], Runner], image: np.ndarray, candidates: list[int], iters: int = 30, rounds: int = 3
-) -> tuple[int, dict[int, float]]:
-    """The intra-op thread count with the lowest batch-1 p50 latency, and the p50 (ms) of every candidate.
-
-    More threads are not always faster: a small model's operators are too short to split, and every call
-    then pays for waking and joining the workers (on this project's 2-core CPU the quickstart ViT's INT8
-    engine runs 1.6x faster on one thread than on two). The candidates are timed in interleaved rounds.
+    On a GPU machine torch on CUDA is the reference of the TensorRT engines, and torch on the CPU that of the
+    ONNX Runtime engines (which run on the CPU there too); `device` picks one side (`cpu`, `cuda`) or both
+    (`auto`, where CUDA is available).
 
     Args:
-        make_runner: thread count -> runner (one session or model setting per count).
-        image: a preprocessed batch of size 1.
-        candidates: thread counts to try (see `thread_candidates`).
-        iters: timed calls per candidate and round.
-        rounds: interleaved rounds.
+        device: `auto`, `cpu` or `cuda`.
+        cuda_available: whether torch sees a CUDA device.
+        built: names of the engine backends whose files exist (e.g. `onnxruntime-int8`, `tensorrt-fp16`).
+
+    Raises:
+        ValueError: `cuda` was asked for on a machine without CUDA, or an unknown device.
     """
-    runners = {n: make_runner(n) for n in candidates}
-    for run in runners.values():
-        for _ in range(5):
-            run(image)
-    times = _time_in_turns(runners, image, [iters] * rounds)
-    p50 = {n: float(np.median(t) * 1e3) for n, t in times.items()}
-    return min(p50, key=p50.__getitem__), p50
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"bench device {device!r}: use auto, cpu or cuda")
+    if device == "cuda" and not cuda_available:
+        raise ValueError("bench --device cuda: torch sees no CUDA device here; use --device cpu")
+    groups = []
+    if device == "cuda" or (device == "auto" and cuda_available):
+        engines = [b for b in CUDA_BACKENDS if b.startswith("torch-") or b in built]
+        groups.append(BenchGroup("cuda", "torch-cuda", engines))
+    if device in ("cpu", "auto"):
+        groups.append(BenchGroup("cpu", "torch-eager", [b for b in CPU_BACKENDS if b == "torch-eager" or b in built]))
+    return groups
 
 
 def torch_runner(model: Any, device: str = "cpu", compile: bool = False, threads: int = 0) -> Runner:
@@ -232,11 +214,9 @@ def torch_runner(model: Any, device: str = "cpu", compile: bool = False, threads
 
 def ort_runner(path: Path, threads: int = 0) -> Runner:
     """A runner for an ONNX Runtime CPU engine; `threads` 0 = the count tuned when the engine was built."""
-    from deploy.onnxrt import create_session, engine_threads
+    from deploy.onnxrt import session_runner
 
-    session = create_session(path, threads or engine_threads(path))
-    name = session.get_inputs()[0].name
-    return lambda images: session.run(None, {name: images})[0]
+    return session_runner(path, threads)
 
 
 def trt_runner(path: Path) -> Runner:
@@ -299,7 +279,7 @@ def bench_report(results: list[BenchResult], context: dict[str, Any]) -> dict[st
 
 def write_report(report: dict[str, Any], out: Path) -> Path:
     """Write the benchmark JSON atomically."""
-    return atomic_write(Path(out), json.dumps(report, indent=2).encode("utf-8"))
+    return atomic_write_bytes(Path(out), json.dumps(report, indent=2).encode("utf-8"))
 
 
 def kpi_metrics(results: list[BenchResult]) -> dict[str, float]:

@@ -106,6 +106,7 @@ class TrainParams(_Section):
     layer_decay: float | None = Field(0.85, gt=0.0, le=1.0, description="None or 1.0 turns it off")
     weight_decay: float = Field(0.05, ge=0.0)
     warmup_epochs: float = Field(1.0, ge=0.0)
+    warmup_lr: float = Field(1e-6, ge=0.0, description="learning rate at the start of warmup")
     min_lr: float = Field(1e-6, ge=0.0)
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
     mixup: float = Field(0.0, ge=0.0)
@@ -216,6 +217,51 @@ class BenchParams(_Section):
     out: Path = Path("artifacts/bench/latency.json")
 
 
+class GateParams(_Section):
+    """The KPI gate: thresholds on accuracy uplift, latency on the target engine and total cost of ownership.
+
+    Uplift is the candidate's test top-1 minus the reference's on the same test split and data version, in
+    points, where the reference is the current champion (re-evaluated today) or, without one, the CNN
+    baseline. `min_uplift_points` > 0 asks for superiority, < 0 for non-inferiority within that margin.
+    """
+
+    reference: Literal["auto", "champion", "baseline"] = Field(
+        "auto", description="auto = the champion when the registry has one, else the CNN baseline"
+    )
+    min_uplift_points: float = Field(
+        -1.0, ge=-100.0, le=100.0, description="> 0 superiority; < 0 non-inferiority margin (points)"
+    )
+    require_interval: bool = Field(True, description="the interval's lower bound (not only the estimate) must clear it")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="level of the bootstrap interval")
+    bootstrap_samples: int = Field(10_000, ge=100)
+    max_p95_ms: float | None = Field(50.0, gt=0.0, description="batch-1 p95 latency on the target engine; None = off")
+    max_monthly_tco: float | None = Field(None, gt=0.0, description="monthly TCO ceiling; None = off")
+    max_tco_increase: float | None = Field(
+        0.10, ge=0.0, description="largest monthly TCO increase over the reference, as a fraction; None = off"
+    )
+    report: Path = Path("artifacts/gate/report.md")
+
+
+class CostParams(_Section):
+    """Prices and volumes for the cost KPI. The shipped values are EXAMPLES; set your own.
+
+    training cost = training device hours x `train_price_per_hour`;
+    serving cost per image = `serve_price_per_hour` / (3600 x images/s on the target engine) / `utilisation`;
+    monthly TCO = training cost x `retrains_per_month` + `images_per_month` x serving cost per image
+    + `upkeep_per_month`.
+    """
+
+    currency: str = Field("USD", min_length=1)
+    train_price_per_hour: float = Field(
+        ..., ge=0.0, description="price of one hour of the training machine (e.g. a cloud GPU VM)"
+    )
+    serve_price_per_hour: float = Field(..., ge=0.0, description="price of one hour of the serving hardware")
+    utilisation: float = Field(..., gt=0.0, le=1.0, description="share of paid serving time spent inferring")
+    retrains_per_month: float = Field(..., ge=0.0)
+    images_per_month: float = Field(..., ge=0.0)
+    upkeep_per_month: float = Field(..., ge=0.0, description="fixed monthly upkeep: monitoring, labelling, on-call")
+
+
 class TrackingParams(_Section):
     """MLflow; `MLFLOW_TRACKING_URI` in the environment wins over `uri`."""
 
@@ -237,6 +283,8 @@ class Params(_Section):
     engine: EngineParams = Field(default_factory=EngineParams)
     bench: BenchParams = Field(default_factory=BenchParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
+    gate: GateParams = Field(default_factory=GateParams)
+    cost: CostParams | None = Field(None, description="prices for the cost KPI; the gate needs them")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
 
@@ -287,14 +335,17 @@ def parse_params(raw: dict[str, Any] | None, source: str = "params") -> Params:
         raise ParamsError(_format_error(source, err, raw)) from None
 
 
-def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
-    """Load `params.yaml`; a missing file gives the defaults written in this module.
+def load_params(path: Path | str = DEFAULT_PARAMS, must_exist: bool = False) -> Params:
+    """Load `params.yaml`; a missing file gives the defaults written in this module, unless `must_exist`
+    (a file the user named).
 
     Raises:
-        ParamsError: if the file is not YAML or holds values that are not allowed.
+        ParamsError: if the file is missing (with `must_exist`), is not YAML or holds values that are not allowed.
     """
     path = Path(path)
     if not path.exists():
+        if must_exist:
+            raise ParamsError(f"{path}: no such parameter file; name an existing file or leave --params out")
         return Params()
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))

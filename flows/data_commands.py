@@ -145,51 +145,35 @@ def cmd_pull(args: argparse.Namespace, params: Params) -> int:
 
 def cmd_validate(args: argparse.Namespace, params: Params) -> int:
     """Run the data gate; 0 when it passes, 1 when it fails."""
-    from data_checks.gate import validate_folder
-    from data_checks.suite import GateRules
-
     if not args.verbose:  # GX logs its internals at INFO (and pins some of its loggers to INFO)
         for handler in logging.getLogger().handlers:
             handler.addFilter(_quiet_gx)
 
-    v = params.validate_
-    data = args.data or params.data.raw_dir
-    if not Path(data).exists():
-        raise FileNotFoundError(f"{data} does not exist: give the dataset folder, or import data first")
-    rules = GateRules(
-        classes=tuple(params.data.classes),
-        min_width=v.min_width,
-        min_height=v.min_height,
-        min_images_per_class=v.min_images_per_class,
-        max_imbalance_ratio=v.max_imbalance_ratio,
-        max_rejected_fraction=v.max_rejected_fraction,
-        drift_kl_threshold=v.drift_kl_threshold,
+    from flows import stages
+
+    result = stages.validate(
+        params,
+        data=args.data,
+        report=args.report,
+        manifest=args.manifest,
+        reference=args.reference,
+        workers=args.workers,
     )
-    report_path = args.report or v.report
-    report = validate_folder(
-        Path(data),
-        rules,
-        fractions=params.data.split.model_dump(),
-        manifest_path=args.manifest or v.manifest,
-        report_path=report_path,
-        reference_path=args.reference or v.reference_manifest,
-        workers=v.workers if args.workers is None else args.workers,
-    )
-    counts = report["counts"]
-    for item in report["rejected"][:20]:
+    counts = result.counts
+    for item in result.rejected[:20]:
         print(f"rejected: {item['path']}: {item['reason']}")
-    if len(report["rejected"]) > 20:
-        print(f"... and {len(report['rejected']) - 20} more (see the report)")
-    for line in report["failures"]:
+    if len(result.rejected) > 20:
+        print(f"... and {len(result.rejected) - 20} more (see the report)")
+    for line in result.failures:
         print(f"FAIL: {line}")
-    for line in report["warnings"]:
+    for line in result.warnings:
         print(f"warning: {line}")
-    verdict = "passed" if report["passed"] else "FAILED"
+    verdict = "passed" if result.passed else "FAILED"
     print(
         f"gate {verdict}: {counts['files']} files, {counts['usable']} usable, {counts['rejected']} rejected; "
-        f"report {report_path}; data docs {report['data_docs']}"
+        f"report {result.report_path}; data docs {result.data_docs}"
     )
-    return 0 if report["passed"] else 1
+    return 0 if result.passed else 1
 
 
 def _quiet_gx(record: logging.LogRecord) -> bool:

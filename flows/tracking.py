@@ -1,4 +1,5 @@
-"""The one module that talks to MLflow: runs, metrics, artifacts and the model registry.
+"""One of the two modules that talk to MLflow: runs, metrics, artifacts, downloads and MLflow's threshold
+validation (`flows/registry.py` is the other: versions, aliases and their history).
 
 Everything else in vitops calls these functions, never `mlflow` directly. The tracking server is
 `MLFLOW_TRACKING_URI` when set, else `tracking.uri` from params.yaml (a local SQLite file by default,
@@ -12,6 +13,7 @@ import contextlib
 import logging
 import os
 import subprocess
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,66 +39,131 @@ def configure(uri: str, experiment: str) -> str:
     """
     import mlflow
 
+    global _experiment_id
+    # MLflow prints "View run ... at URL" for every run it ends; vitops prints the run ids it made itself.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     uri = tracking_uri(uri)
     mlflow.set_tracking_uri(uri)
     try:
-        mlflow.set_experiment(experiment)
+        _experiment_id = mlflow.set_experiment(experiment).experiment_id
     except Exception as err:  # MLflow raises several client and connection errors here
         raise TrackingError(f"cannot reach MLflow tracking at {uri}: {err}") from err
     return uri
 
 
+_experiment_id: str | None = None  # set by `configure`; runs are created in it
+
+
 @dataclass
 class RunHandle:
-    """An active MLflow run; log through its methods."""
+    """One MLflow run; everything logged through it goes to `run_id`, whatever run is active in the process.
+
+    It talks to the server through `MlflowClient` with the run id, never through MLflow's active-run state,
+    so handles work side by side and inside an outer run (a flow's).
+    """
 
     run_id: str
     artifact_uri: str
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        """Log flat parameters (values are stringified by MLflow; long values are truncated)."""
-        import mlflow
+        """Log flat parameters (values are stringified; long values are truncated)."""
+        from mlflow.entities import Param
 
-        mlflow.log_params({k: _short(v) for k, v in params.items()})
+        self._batch(params=[Param(k, _short(v)) for k, v in params.items()])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log numeric metrics; non-finite and non-numeric values are skipped."""
-        import mlflow
+        from mlflow.entities import Metric
 
-        clean = {k: float(v) for k, v in metrics.items() if _is_number(v)}
-        if clean:
-            mlflow.log_metrics(clean, step=step)
+        now = int(time.time() * 1000)
+        clean = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if _is_number(v)]
+        self._batch(metrics=clean)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set string tags on the run."""
-        import mlflow
+        from mlflow.entities import RunTag
 
-        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        self._batch(tags=[RunTag(k, _short(v, 5000)) for k, v in tags.items()])
 
     def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
         """Upload one file or a whole folder."""
-        import mlflow
+        from mlflow import MlflowClient
 
         path = Path(path)
         if path.is_dir():
-            mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+            MlflowClient().log_artifacts(self.run_id, str(path), artifact_path=artifact_path)
         else:
-            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+            MlflowClient().log_artifact(self.run_id, str(path), artifact_path=artifact_path)
 
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
         """Store a JSON or YAML document as an artifact."""
-        import mlflow
+        from mlflow import MlflowClient
 
-        mlflow.log_dict(dict(data), artifact_file)
+        MlflowClient().log_dict(self.run_id, dict(data), artifact_file)
+
+    def _batch(self, **entries: Any) -> None:
+        from mlflow import MlflowClient
+
+        # The server takes at most 1000 metrics / 100 params / 100 tags per call.
+        for key, limit in (("metrics", 1000), ("params", 100), ("tags", 100)):
+            items = entries.get(key) or []
+            for i in range(0, len(items), limit):
+                MlflowClient().log_batch(self.run_id, **{key: items[i : i + limit]})
+
+
+def _experiment() -> str:
+    if _experiment_id is None:
+        raise TrackingError("MLflow is not configured: call flows.tracking.configure(uri, experiment) first")
+    return _experiment_id
 
 
 @contextlib.contextmanager
-def start_run(run_name: str, tags: Mapping[str, Any] | None = None) -> Iterator[RunHandle]:
-    """Open a run in the configured experiment; it ends FAILED if the body raises."""
-    import mlflow
+def _running(run_id: str, artifact_uri: str, end: bool = True) -> Iterator[RunHandle]:
+    """Yield a handle; at the end mark the run FINISHED, FAILED (exception) or KILLED (interrupt)."""
+    from mlflow import MlflowClient
 
-    with mlflow.start_run(run_name=run_name, tags={k: str(v) for k, v in (tags or {}).items()}) as run:
-        yield RunHandle(run_id=run.info.run_id, artifact_uri=run.info.artifact_uri)
+    status = "FINISHED"
+    try:
+        yield RunHandle(run_id=run_id, artifact_uri=artifact_uri)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        if end:
+            MlflowClient().set_terminated(run_id, status)
+
+
+@contextlib.contextmanager
+def start_run(
+    run_name: str, tags: Mapping[str, Any] | None = None, parent_run_id: str | None = None
+) -> Iterator[RunHandle]:
+    """Open a new run in the configured experiment; it ends FAILED if the body raises.
+
+    Args:
+        run_name: shown in the MLflow UI.
+        tags: string tags.
+        parent_run_id: make it a child of this run; by default the child of the run already active in this
+            process (a flow's), if any.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    tags = {k: str(v) for k, v in (tags or {}).items()}
+    active = mlflow.active_run()
+    parent = parent_run_id or (active.info.run_id if active else None)
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    try:
+        run = MlflowClient().create_run(_experiment(), run_name=run_name, tags=tags)
+    except TrackingError:
+        raise
+    except Exception as err:  # connection and permission errors alike
+        raise TrackingError(f"cannot open an MLflow run at {mlflow.get_tracking_uri()}: {err}") from err
+    with _running(run.info.run_id, run.info.artifact_uri) as handle:
+        yield handle
 
 
 def epoch_logger(handle: RunHandle) -> Callable[[int, Mapping[str, float]], None]:
@@ -108,53 +175,65 @@ def epoch_logger(handle: RunHandle) -> Callable[[int, Mapping[str, float]], None
     return _log
 
 
-def register_model(handle: RunHandle, model_dir: Path, name: str, tags: Mapping[str, Any] | None = None) -> str:
-    """Upload `model_dir` under the run's `model/` artifacts and register it as a new version of `name`.
-
-    Returns:
-        The new version number, as a string.
-    """
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    handle.log_artifact(model_dir, artifact_path="model")
-    client = MlflowClient()
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name)
-    version = client.create_model_version(
-        name,
-        source=f"{handle.artifact_uri}/model",
-        run_id=handle.run_id,
-        tags={k: str(v) for k, v in (tags or {}).items()},
-    )
-    return str(version.version)
-
-
-def set_alias(name: str, alias: str, version: str) -> None:
-    """Point `alias` (candidate, pilot, champion) of registered model `name` at `version`."""
-    from mlflow import MlflowClient
-
-    MlflowClient().set_registered_model_alias(name, alias, version)
-
-
 def download_model(model_uri: str, dst: Path) -> Path:
-    """Download a registered model folder (`models:/<name>@<alias>` or `models:/<name>/<version>`).
+    """Download a registered model (`models:/<name>@<alias>` or `models:/<name>/<version>`) and return the vitops
+    model folder in it (model.json + weights.safetensors; inside the pyfunc model's artifacts for versions that
+    `vitops register` made).
 
     Raises:
-        TrackingError: if the model, alias or server cannot be found.
+        TrackingError: if the model, alias or server cannot be found, or the version holds no model folder.
     """
     import mlflow
 
     dst.mkdir(parents=True, exist_ok=True)
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
     except Exception as err:  # MlflowException, connection and permission errors alike
         raise TrackingError(
             f"cannot download {model_uri} from MLflow at {mlflow.get_tracking_uri()}: {err}. "
-            "Check the model name and alias with `mlflow models` or the MLflow UI."
+            "Check the model name and alias with `vitops history NAME` or the MLflow UI."
         ) from err
+    for meta in sorted(local.rglob("model.json")):
+        if (meta.parent / "weights.safetensors").is_file():
+            return meta.parent
+    raise TrackingError(f"{model_uri}: holds no vitops model folder (model.json + weights.safetensors)")
+
+
+def threshold_verdicts(values: Mapping[str, float], thresholds: Mapping[str, tuple[float, bool]]) -> dict[str, bool]:
+    """Whether each value clears its threshold, by MLflow's `validate_evaluation_results` with `MetricThreshold`.
+
+    Args:
+        values: metric name -> the candidate's value.
+        thresholds: metric name -> (threshold, greater_is_better).
+
+    Returns:
+        metric name -> passed. Each metric is validated on its own, so one failure does not hide another.
+    """
+    verdicts = {}
+    quiet = logging.getLogger("mlflow.models.evaluation.validation")  # logs INFO lines on every call
+    level, quiet.level = quiet.level, logging.WARNING
+    try:
+        for name, (threshold, greater_is_better) in thresholds.items():
+            verdicts[name] = _clears(name, float(values[name]), float(threshold), greater_is_better)
+    finally:
+        quiet.setLevel(level)
+    return verdicts
+
+
+def _clears(name: str, value: float, threshold: float, greater_is_better: bool) -> bool:
+    import mlflow
+    from mlflow.models import MetricThreshold
+    from mlflow.models.evaluation import EvaluationResult
+    from mlflow.models.evaluation.validation import ModelValidationFailedException
+
+    rule = {name: MetricThreshold(threshold=threshold, greater_is_better=greater_is_better)}
+    try:
+        mlflow.validate_evaluation_results(
+            validation_thresholds=rule, candidate_result=EvaluationResult(metrics={name: value}, artifacts={})
+        )
+    except ModelValidationFailedException:
+        return False
+    return True
 
 
 def git_commit(cwd: Path | str = ".") -> str:
@@ -201,29 +280,24 @@ def start_or_resume_run(
     run_name: str, run_id: str | None = None, tags: Mapping[str, Any] | None = None
 ) -> Iterator[RunHandle]:
     """Continue run `run_id` when the server has it (a resumed training; evaluation logging into the run that
-    trained the model); otherwise open a new run named `run_name` with `tags`. Inside a run that is already
-    open (a flow's), the new run is its child."""
+    trained the model); otherwise open a new run named `run_name` with `tags` (a child of the active run, if
+    any). Continuing the run that is active in this process leaves its status to its owner."""
     import mlflow
+    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    current = mlflow.active_run()
-    if current is not None and run_id in (None, current.info.run_id):
-        if run_id:
-            yield RunHandle(run_id=current.info.run_id, artifact_uri=current.info.artifact_uri)
-            return
-        child_tags = {k: str(v) for k, v in (tags or {}).items()}
-        with mlflow.start_run(run_name=run_name, nested=True, tags=child_tags) as run:
-            yield RunHandle(run_id=run.info.run_id, artifact_uri=run.info.artifact_uri)
-        return
     if run_id:
+        active = mlflow.active_run()
         try:
-            mlflow.get_run(run_id)
+            run = MlflowClient().get_run(run_id)
         except MlflowException:
             log.info("run %s is not on %s; opening a new run", run_id, mlflow.get_tracking_uri())
-            run_id = None
-    if not run_id:
-        with start_run(run_name, tags) as handle:
-            yield handle
-        return
-    with mlflow.start_run(run_id=run_id) as run:
-        yield RunHandle(run_id=run.info.run_id, artifact_uri=run.info.artifact_uri)
+        else:
+            owned = active is None or active.info.run_id != run_id
+            if owned:
+                MlflowClient().update_run(run_id, status="RUNNING")
+            with _running(run_id, run.info.artifact_uri, end=owned) as handle:
+                yield handle
+            return
+    with start_run(run_name, tags) as handle:
+        yield handle

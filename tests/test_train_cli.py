@@ -81,6 +81,8 @@ def test_evaluate_without_a_model_says_how_to_get_one(project: Path, capsys: pyt
 
 def test_fine_tunes_from_a_registered_model_alias(project: Path, tracking: str) -> None:
     """Retraining from the serving model: `mlflow:models:/<name>@<alias>` resolves to the registered folder."""
+    from mlflow import MlflowClient
+
     from flows import tracking as mlflow_io
 
     params = write_params(project, project / "data", project / "manifest.csv", project / "pretrained.safetensors")
@@ -88,8 +90,12 @@ def test_fine_tunes_from_a_registered_model_alias(project: Path, tracking: str) 
     first = project / "out" / "vit" / "model"
     mlflow_io.configure(tracking, "registry-source")
     with mlflow_io.start_run("register-first") as run:
-        version = mlflow_io.register_model(run, first, "digits-vit")
-    mlflow_io.set_alias("digits-vit", "champion", version)
+        run.log_artifact(first, artifact_path="model")
+    # a plain model-folder version (as older vitops registered them); `vitops register` versions nest it in pyfunc
+    client = MlflowClient(tracking)
+    client.create_registered_model("digits-vit")
+    version = client.create_model_version("digits-vit", source=f"{run.artifact_uri}/model", run_id=run.run_id)
+    client.set_registered_model_alias("digits-vit", "champion", version.version)
 
     out = project / "retrained"
     code = main(

@@ -43,7 +43,7 @@ class AugmentParams:
         re_prob: random-erasing probability.
     """
 
-    scale_min: float = 0.6
+    scale_min: float = 0.8
     hflip: float = 0.0
     color_jitter: float = 0.0
     auto_augment: str | None = None

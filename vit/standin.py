@@ -50,12 +50,12 @@ class StandinSpec:
 
     model: str = "vit_tiny_patch16_224"
     img_size: int = 32
-    patch_size: int = 4
+    patch_size: int = 8
     depth: int = 6
     embed_dim: int | None = None
-    images: int = 12000
-    epochs: int = 4
-    batch_size: int = 128
+    images: int = 30000
+    epochs: int = 12
+    batch_size: int = 64
     lr: float = 5e-4
     seed: int = 0
 
@@ -190,7 +190,7 @@ def pretrain_standin(spec: StandinSpec, out: Path, work_dir: Path | None = None,
     import timm
     from safetensors.torch import save_file
 
-    from data_checks.files import atomic_write
+    from common.files import atomic_write
     from vit.train import TrainConfig, fit
 
     out = Path(out)

@@ -77,11 +77,11 @@ class TrainConfig:
         distill_temperature: temperature of `soft` distillation.
     """
 
-    epochs: int = 15
+    epochs: int = 30
     batch_size: int = 64
     accum_steps: int = 1
-    lr: float = 1e-3
-    layer_decay: float | None = 0.75
+    lr: float = 5e-4
+    layer_decay: float | None = 0.85
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     warmup_lr: float = 1e-6
@@ -91,7 +91,7 @@ class TrainConfig:
     cutmix: float = 0.0
     ema_decay: float = 0.0
     class_balance: str = "loss"
-    patience: int = 5
+    patience: int = 12
     clip_grad: float | None = None
     seed: int = 0
     amp: str = "auto"

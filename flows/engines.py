@@ -1,0 +1,315 @@
+"""Bodies of the engine stages (`flows.stages.export`, `build`, `bench`): ONNX export, engine builds behind
+their parity gates, and the like-with-like latency benchmark."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from flows.config import Params
+
+log = logging.getLogger(__name__)
+
+
+class EngineInputError(ValueError):
+    """Inputs for an engine stage are missing (no validation images, no engines to bench)."""
+
+
+def validation_images(params: Params, meta: Any, limit: int) -> Any:
+    """Preprocessed validation images (a float tensor N, C, H, W) for parity gates and INT8 calibration."""
+    from data_checks.manifest import load_usable
+    from vit.data import load_split_tensors
+
+    manifest, report = Path(params.validate_.manifest), Path(params.validate_.report)
+    if not manifest.is_file():
+        raise EngineInputError(f"{manifest}: no manifest; run `vitops validate` first (parity needs the val split)")
+    rows = load_usable(manifest, report if report.is_file() else None)
+    images, _ = load_split_tensors(Path(params.data.raw_dir), rows, meta, "val", limit=limit)
+    if len(images) == 0:
+        raise EngineInputError(f"{manifest}: the val split is empty; parity gates need validation images")
+    return images
+
+
+def export_checked_model(params: Params, model_dir: Path, out: Path, exporter: str | None = None) -> Any:
+    """Export to ONNX behind the parity gate; returns a `flows.stages.ExportResult`."""
+    from common.files import sha256_file
+    from deploy.export import export_checked
+    from flows.stages import ExportResult
+    from vit.bundle import WEIGHTS_FILE, load_bundle
+
+    model, meta = load_bundle(model_dir)
+    images = validation_images(params, meta, params.export.parity_images)
+    result, report = export_checked(
+        model,
+        images,
+        out,
+        opset=params.export.opset,
+        exporter=exporter or params.export.exporter,
+        max_abs_diff=params.export.max_abs_diff,
+        min_top1_agreement=params.export.min_top1_agreement,
+        threads=params.engine.ort_threads,
+        source={"model_dir": str(model_dir), "weights_sha256": sha256_file(model_dir / WEIGHTS_FILE)},
+    )
+    return ExportResult(path=result.path, exporter=result.exporter, opset=result.opset, parity=report.as_dict())
+
+
+def onnx_is_current(onnx_path: Path, model_dir: Path, params: Params) -> bool:
+    """Whether `onnx_path` was exported from these weights at the configured opset and is unchanged since."""
+    from common.files import sha256_file
+    from deploy.engine_meta import EngineMismatchError, read_meta
+    from vit.bundle import WEIGHTS_FILE
+
+    if not onnx_path.is_file():
+        return False
+    try:
+        meta = read_meta(onnx_path)
+    except EngineMismatchError:
+        return False
+    return (
+        meta.extra.get("source", {}).get("weights_sha256") == sha256_file(model_dir / WEIGHTS_FILE)
+        and meta.extra.get("opset") == params.export.opset
+        and meta.onnx_sha256 == sha256_file(onnx_path)
+    )
+
+
+def build_engines(
+    params: Params, model_dir: Path, target: str | None, precision: str | None, quantization: str | None
+) -> Any:
+    """Export when needed, then build the target's engines; returns a `flows.stages.BuildResult`."""
+    from deploy.engine_meta import read_meta
+    from deploy.tensorrt import choose_target, tensorrt_status
+    from flows.stages import BuildResult, ExportResult
+
+    requested = target or params.engine.target
+    available, reason = tensorrt_status() if requested != "onnxruntime" else (False, "")
+    chosen, notice = choose_target(requested, available, reason)
+    onnx_path = Path(params.export.out)
+    if onnx_is_current(onnx_path, model_dir, params):
+        meta = read_meta(onnx_path)
+        onnx = ExportResult(onnx_path, meta.extra.get("exporter", "?"), meta.extra.get("opset", 0), {}, reused=True)
+    else:
+        onnx = export_checked_model(params, model_dir, onnx_path)
+    if chosen == "tensorrt":
+        built = [_build_tensorrt(model_dir, onnx_path, params, precision or params.engine.trt_precision)]
+    else:
+        built = _build_onnxruntime(model_dir, onnx_path, params, quantization or params.engine.ort_quantization)
+    return BuildResult(
+        target=chosen, engines=[p for p, _ in built], parity={str(p): r for p, r in built}, onnx=onnx, notice=notice
+    )
+
+
+def _gate_inputs(model_dir: Path, params: Params) -> tuple[Any, Any, Any]:
+    """The PyTorch model, its parity images and its INT8 calibration images (one read of the val split)."""
+    from vit.bundle import load_bundle
+
+    model, meta = load_bundle(model_dir)
+    images = validation_images(params, meta, max(params.export.parity_images, params.engine.calibration_images))
+    images = images.numpy()
+    return model, images[: params.export.parity_images], images[: params.engine.calibration_images]
+
+
+def _build_onnxruntime(model_dir: Path, onnx_path: Path, params: Params, quantization: str) -> list[tuple[Path, dict]]:
+    from deploy.onnxrt import QuantSettings, build_ort_engine
+    from deploy.parity import torch_logits
+    from flows.stages import ORT_FP32, ORT_INT8
+
+    e = params.engine
+    model, parity, calibration = _gate_inputs(model_dir, params)
+    reference = torch_logits(model, parity)
+    path, report = build_ort_engine(
+        onnx_path,
+        e.out_dir / ORT_FP32,
+        parity,
+        reference,
+        "fp32",
+        threads=e.ort_threads,
+        min_top1_agreement=params.export.min_top1_agreement,
+        max_abs_diff=params.export.max_abs_diff,
+    )
+    built = [(path, report.as_dict())]
+    if quantization == "none":
+        return built
+    quant = QuantSettings(
+        mode=quantization,
+        per_channel=e.quant_per_channel,
+        calibrate_method=e.quant_calibration,
+        exclude=tuple(e.quant_exclude),
+    )
+    path, report = build_ort_engine(
+        onnx_path,
+        e.out_dir / ORT_INT8,
+        parity,
+        reference,
+        "int8",
+        quant=quant,
+        threads=e.ort_threads,
+        min_top1_agreement=e.min_int8_top1_agreement,
+        calibration=calibration,
+    )
+    return [*built, (path, report.as_dict())]
+
+
+def _build_tensorrt(model_dir: Path, onnx_path: Path, params: Params, precision: str) -> tuple[Path, dict]:
+    import torch
+
+    from deploy.engine_meta import meta_path
+    from deploy.onnxrt import QuantSettings, quantize_onnx
+    from deploy.parity import compare_logits, require_parity, torch_logits
+    from deploy.tensorrt import build_trt_engine, load_trt_engine, make_plan, runtime_meta
+    from flows.stages import TRT_DIR
+
+    e = params.engine
+    runtime = runtime_meta()
+    model, parity, calibration = _gate_inputs(model_dir, params)
+    source = onnx_path
+    if precision == "int8":
+        # Explicit quantization: symmetric INT8 Q/DQ calibrated on validation images, built by TensorRT.
+        source = e.out_dir / TRT_DIR / "model_qdq.onnx"
+        quant = QuantSettings(mode="static", activation_symmetric=True, calibrate_method=e.quant_calibration)
+        quantize_onnx(onnx_path, source, quant, calibration)
+    plan = make_plan(
+        source,
+        precision,
+        {"min": e.trt_min_batch, "opt": e.trt_opt_batch, "max": e.trt_max_batch},
+        runtime.compute_capability,
+        e.trt_workspace_gib,
+    )
+    out = e.out_dir / TRT_DIR / f"{plan.precision}.engine"
+    staged = out.with_name(f".{out.name}.candidate")
+    try:
+        build_trt_engine(source, staged, plan, e.trt_timing_cache, runtime)
+        run = load_trt_engine(staged, runtime)
+        step = e.trt_max_batch
+        chunks = [run(torch.from_numpy(parity[i : i + step])).float().cpu() for i in range(0, len(parity), step)]
+        floor = e.min_int8_top1_agreement if plan.precision == "int8" else params.export.min_top1_agreement
+        report = require_parity(
+            compare_logits(torch_logits(model, parity), torch.cat(chunks).numpy(), f"tensorrt-{plan.precision}", floor)
+        )
+        meta_path(staged).replace(meta_path(out))  # publish: both renames are atomic
+        staged.replace(out)
+    finally:
+        staged.unlink(missing_ok=True)
+        meta_path(staged).unlink(missing_ok=True)
+    log.info("wrote %s (%s, TensorRT %s)", out, runtime.device, runtime.runtime_version)
+    return out, report.as_dict()
+
+
+def engine_files(params: Params) -> dict[str, Path]:
+    """Backend name -> engine file, for every engine the configured folder can hold."""
+    from flows.stages import ORT_FP32, ORT_INT8, TRT_DIR
+
+    root = params.engine.out_dir
+    return {
+        "onnxruntime-fp32": root / ORT_FP32,
+        "onnxruntime-int8": root / ORT_INT8,
+        "tensorrt-fp16": root / TRT_DIR / "fp16.engine",
+        "tensorrt-int8": root / TRT_DIR / "int8.engine",
+    }
+
+
+def bench_model(params: Params, model_dir: Path, out: Path, iters: int | None, device: str, track: bool) -> Any:
+    """Time torch and the built engines per device group; returns a `flows.stages.BenchOutcome`."""
+    import numpy as np
+    import torch
+
+    from common.files import sha256_file
+    from deploy.latency import (
+        bench_backends,
+        bench_report,
+        format_table,
+        kpi_metrics,
+        ort_runner,
+        plan_bench,
+        torch_runner,
+        trt_runner,
+        write_report,
+    )
+    from deploy.onnxrt import cpu_name, engine_threads, physical_cores
+    from deploy.roofline import achieved_gflops, model_flops
+    from deploy.timing import thread_candidates, tune_threads
+    from flows.stages import BenchOutcome
+    from vit.bundle import WEIGHTS_FILE, load_bundle
+
+    model, meta = load_bundle(model_dir)
+    b = params.bench
+    iters = iters or b.iters
+    files = engine_files(params)
+    built = {name for name, path in files.items() if path.is_file()}
+    cuda = torch.cuda.is_available()
+    groups = plan_bench(device, cuda, built)
+    rng = np.random.default_rng(0)
+    shape = (3, meta.img_size, meta.img_size)
+    image = rng.standard_normal((1, *shape), dtype=np.float32)
+    batch = rng.standard_normal((b.large_batch, *shape), dtype=np.float32)
+    flops = model_flops(model, torch.from_numpy(image))
+    results, tables, notes, threads = [], [], [], {}
+    for group in groups:
+        factories: dict[str, Any] = {}
+        if group.device == "cpu":
+            eager = b.threads
+            if not eager:  # each backend at its fastest: torch is tuned here, engines were tuned at build
+                cands = thread_candidates(physical_cores())
+                eager, p50 = tune_threads(lambda n: torch_runner(model, threads=n), image, cands)
+                by_threads = ", ".join(f"{n}: {ms:.2f} ms" for n, ms in p50.items())
+                notes.append(f"torch eager batch-1 p50 by threads: {by_threads}")
+            threads["torch-eager"] = eager
+            factories["torch-eager"] = lambda n=eager: torch_runner(model, "cpu", threads=n)
+            for name in group.backends[1:]:
+                threads[name] = b.threads or engine_threads(files[name]) or physical_cores()
+                factories[name] = lambda path=files[name], n=threads[name]: ort_runner(path, n)
+        else:
+            factories["torch-cuda"] = lambda: torch_runner(model, "cuda")
+            factories["torch-cuda-compile"] = lambda: torch_runner(model, "cuda", compile=True)
+            for name in group.backends[2:]:
+                factories[name] = lambda path=files[name]: trt_runner(path)
+        group_results = bench_backends(factories, image, batch, b.warmup, iters, device=group.device, threads=threads)
+        for result in group_results:
+            result.gflops = achieved_gflops(flops, 1, result.p50_ms / 1e3)
+        host = torch.cuda.get_device_name() if group.device == "cuda" else f"{cpu_name()}, {physical_cores()} cores"
+        tables.append(f"{group.device}: {host}\n{format_table(group_results, reference=group.reference)}")
+        results += group_results
+    for name in sorted(set(files) - built):
+        if name.startswith("onnxruntime") or cuda:
+            notes.append(f"skipped {name} (no {files[name]}); build it with `vitops build`")
+    table = f"latency of {meta.model} at {meta.img_size}px\n" + "\n\n".join(tables)
+    report = bench_report(
+        results,
+        {
+            "model": {
+                "dir": str(model_dir),
+                "weights_sha256": sha256_file(model_dir / WEIGHTS_FILE),
+                "arch": meta.model,
+                "img_size": meta.img_size,
+                "gflop_per_image": flops / 1e9,
+            },
+            "host": {"cpu": cpu_name(), "gpu": torch.cuda.get_device_name() if cuda else None, "threads": threads},
+            "groups": [{"device": g.device, "reference": g.reference, "backends": g.backends} for g in groups],
+            "engines": {name: str(files[name]) for name in sorted(built)},
+            "torch": torch.__version__,
+            "settings": {"warmup": b.warmup, "iters": iters, "large_batch": b.large_batch},
+        },
+    )
+    write_report(report, out)
+    table_file = out.with_suffix(".txt")
+    table_file.write_text(table + "\n", encoding="utf-8")
+    metrics = kpi_metrics(results)
+    run_id = _log_bench(params, out, table_file, metrics, track)
+    return BenchOutcome(out=out, table=table, results=results, metrics=metrics, skipped=notes, run_id=run_id)
+
+
+def _log_bench(params: Params, out: Path, table_file: Path, metrics: dict[str, float], track: bool) -> str | None:
+    from flows import tracking
+
+    def _log(handle: Any) -> str:
+        handle.log_metrics(metrics)
+        handle.log_artifact(out, artifact_path="bench")
+        handle.log_artifact(table_file, artifact_path="bench")
+        return handle.run_id
+
+    if track:
+        tracking.configure(params.tracking.uri, params.tracking.experiment)
+        with tracking.start_run("bench", tags={"stage": "bench"}) as handle:
+            return _log(handle)
+    handle = tracking.active_run()
+    return _log(handle) if handle is not None else None

@@ -1,0 +1,214 @@
+"""`vitops` commands of the KPI gate and the model registry.
+
+vitops gate [MODEL_DIR] [--no-tracking]
+        the three-KPI gate against the champion (or the CNN baseline); prints the KPI table, writes the report;
+        exit 1 when it fails
+vitops register [MODEL_DIR]
+        a new version of `tracking.registered_model` with the gate's verdict; alias `candidate` when it passed
+vitops promote NAME --version N [--alias champion] [--expect M|none] [--override-gate --reason TEXT]
+        a checked alias move: refused when the alias no longer points at M, or the version failed its gate
+vitops rollback NAME [--alias champion] [--reason TEXT]
+        put back the version that held the alias before
+vitops history NAME [--alias A]
+        every alias move: alias, from, to, when, who, reason, approval
+vitops lineage NAME@ALIAS | NAME/VERSION
+        data version, training run, evaluation, KPI verdict, engines and alias moves of one version
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from flows import stages
+from flows.config import Params
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Error classes of this group that are user mistakes (imported only when an error is being reported)."""
+    from deploy.kpi import KpiError
+    from flows.kpis import GateInputError
+    from flows.registry import RegistryError
+    from flows.tracking import TrackingError
+
+    return (RegistryError, GateInputError, KpiError, TrackingError)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add this group's subcommands to the `vitops` parser."""
+    p = sub.add_parser("gate", help="the three-KPI gate of the trained candidate; exit 1 when it fails")
+    p.add_argument("model_dir", nargs="?", help="model folder (default: train.out_dir/model)")
+    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    p.set_defaults(handler=cmd_gate)
+
+    p = sub.add_parser("register", help="register the gated candidate; alias `candidate` when its gate passed")
+    p.add_argument("model_dir", nargs="?", help="model folder (default: train.out_dir/model)")
+    p.set_defaults(handler=cmd_register)
+
+    p = sub.add_parser("promote", help="move an alias (champion by default) to a version, checked")
+    p.add_argument("name", help="registered model name")
+    p.add_argument("--version", required=True, help="version number to point the alias at")
+    p.add_argument("--alias", default="champion", help="candidate | pilot | champion (default: champion)")
+    p.add_argument("--expect", help="the version the alias must point at now, or `none`; default: as read now")
+    p.add_argument("--override-gate", action="store_true", help="promote a version whose KPI gate failed")
+    p.add_argument("--reason", default="", help="why; required with --override-gate; recorded in the history")
+    p.set_defaults(handler=cmd_promote)
+
+    p = sub.add_parser("rollback", help="put back the version that held the alias before")
+    p.add_argument("name", help="registered model name")
+    p.add_argument("--alias", default="champion", help="default: champion")
+    p.add_argument("--reason", default="rollback", help="recorded in the history")
+    p.set_defaults(handler=cmd_rollback)
+
+    p = sub.add_parser("history", help="every alias move of a registered model")
+    p.add_argument("name", help="registered model name")
+    p.add_argument("--alias", help="only this alias")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    p.set_defaults(handler=cmd_history)
+
+    p = sub.add_parser("lineage", help="where one version came from: data, training, evaluation, gate, engines")
+    p.add_argument("ref", help="NAME@ALIAS or NAME/VERSION")
+    p.add_argument("--json", action="store_true", help="print the lineage as JSON")
+    p.set_defaults(handler=cmd_lineage)
+
+
+def cmd_gate(args: argparse.Namespace, params: Params) -> int:
+    """Apply the KPI gate; 0 when it passes, 1 when it fails."""
+    result = stages.gate(params, model_dir=args.model_dir, track=not args.no_tracking)
+    ref = f"{result.reference_kind} v{result.reference_version}" if result.reference_version else result.reference_kind
+    print(f"KPIs of {result.candidate.label} against the {ref}:")
+    print(result.table)
+    for line in result.decision.reasons():
+        print(f"  {line}")
+    run = f"; MLflow run {result.run_id}" if result.run_id else ""
+    print(f"report {result.report[0]}{run}")
+    return 0 if result.passed else 1
+
+
+def cmd_register(args: argparse.Namespace, params: Params) -> int:
+    """Register the candidate."""
+    result = stages.register(params, model_dir=args.model_dir)
+    verdict = "passed" if result.gate_passed else "FAILED"
+    alias = "; alias candidate -> this version" if result.candidate else "; no alias (the gate failed)"
+    print(f"registered {result.name} version {result.version} (KPI gate {verdict}){alias}")
+    return 0
+
+
+def _configure(params: Params) -> None:
+    from flows import tracking
+
+    tracking.configure(params.tracking.uri, params.tracking.experiment)
+
+
+def cmd_promote(args: argparse.Namespace, params: Params) -> int:
+    """Checked alias move."""
+    from flows import registry
+
+    _configure(params)
+    if args.override_gate and not args.reason.strip():
+        raise registry.RegistryError("--override-gate needs --reason TEXT: the override is recorded with its reason")
+    record = registry.move_alias(
+        args.name,
+        args.alias,
+        args.version,
+        expect=args.expect,
+        reason=args.reason or f"promote to {args.alias}",
+        override_gate=args.override_gate,
+    )
+    print(f"{args.name}@{record.alias}: {_v(record.from_version)} -> {_v(record.to_version)} (move {record.seq})")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace, params: Params) -> int:
+    """Put back the previous holder of the alias."""
+    from flows import registry
+
+    _configure(params)
+    record = registry.rollback(args.name, args.alias, reason=args.reason)
+    print(f"{args.name}@{record.alias}: rolled back {_v(record.from_version)} -> {_v(record.to_version)}")
+    return 0
+
+
+def cmd_history(args: argparse.Namespace, params: Params) -> int:
+    """Print the alias history."""
+    from dataclasses import asdict
+
+    from flows import registry
+
+    _configure(params)
+    records = registry.history(args.name, args.alias)
+    if args.json:
+        for record in records:
+            print(json.dumps(asdict(record), sort_keys=True))
+        return 0
+    if not records:
+        print(f"{args.name}: no alias moves yet")
+        return 0
+    rows = [["#", "alias", "from", "to", "when (UTC)", "who", "flow run", "reason", "approval"]]
+    for r in records:
+        approval = r.approval.get("approver", "yes") if r.approval else ""
+        who = f"{r.user}@{r.host}"
+        reason = r.reason + (" [gate override]" if r.override else "") + ("" if r.completed else " [not completed]")
+        rows.append([str(r.seq), r.alias, _v(r.from_version), _v(r.to_version), r.time, who, r.flow_run_id or "-",
+                     reason, approval])  # fmt: skip
+    print(_table(rows))
+    return 0
+
+
+def cmd_lineage(args: argparse.Namespace, params: Params) -> int:
+    """Print the lineage of one version."""
+    from flows import registry
+
+    _configure(params)
+    name, ref = _split_ref(args.ref)
+    info = registry.lineage(name, ref)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True, default=str))
+        return 0
+    print(_format_lineage(info))
+    return 0
+
+
+def _split_ref(text: str) -> tuple[str, str]:
+    from flows.registry import RegistryError
+
+    for sep in ("@", "/"):
+        if sep in text:
+            name, ref = text.rsplit(sep, 1)
+            if name and ref:
+                return name, ref
+    raise RegistryError(f"{text!r}: name a version as NAME@ALIAS (e.g. vitops-vit@champion) or NAME/VERSION")
+
+
+def _format_lineage(info: dict[str, Any]) -> str:
+    lines = []
+    for section, value in info.items():
+        lines.append(f"{section}:")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                lines.append(f"  {key}: {_one_line(item)}")
+        elif isinstance(value, list):
+            for item in value:
+                lines.append(f"  - {_one_line(item)}")
+        else:
+            lines.append(f"  {value}")
+    return "\n".join(lines)
+
+
+def _one_line(item: Any) -> str:
+    if isinstance(item, dict):
+        return ", ".join(f"{k}={_one_line(v)}" for k, v in item.items())
+    text = str(item)
+    return text.replace("\n", " | ")
+
+
+def _v(version: str | None) -> str:
+    return "none" if version in (None, "", "none") else f"v{version}"
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

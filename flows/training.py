@@ -1,0 +1,203 @@
+"""One training run of a recipe: data, model and teacher, the fit, the model folder and its MLflow run.
+
+`flows.stages.train` is the entry point; this module holds its body so the stage API reads as an index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from flows.config import Params
+from flows.recipe import Recipe, load_rows, same_named
+
+log = logging.getLogger(__name__)
+
+
+def resolve_source(source: str, work: Path) -> str:
+    """`mlflow:models:/...` becomes `file:<downloaded model folder>`; other sources pass through."""
+    if not source.startswith("mlflow:"):
+        return source
+    from flows.tracking import download_model
+
+    return f"file:{download_model(source.removeprefix('mlflow:'), work)}"
+
+
+def load_teacher_model(source: str | None, classes: list[str], meta: Any, work: Path) -> tuple[Any, str | None]:
+    """The teacher named by `train.teacher` (a vitops model folder or a registered model) and the sha256 of
+    its weights, or (None, None) without one."""
+    if not source:
+        return None, None
+    from vit.bundle import WEIGHTS_FILE
+    from vit.distill import DistillError, load_teacher
+
+    resolved = resolve_source(source, work)
+    if not resolved.startswith("file:"):
+        raise DistillError(
+            f"train.teacher {source!r}: a teacher must be a vitops model folder trained on the same classes "
+            "(file:artifacts/train/baseline/model) or a registered model (mlflow:models:/<name>@<alias>)"
+        )
+    folder = Path(resolved.removeprefix("file:"))
+    teacher = load_teacher(folder, classes, meta, source)
+    with open(folder / WEIGHTS_FILE, "rb") as fh:
+        sha = hashlib.file_digest(fh, "sha256").hexdigest()
+    return teacher, sha
+
+
+def run_training(
+    params: Params,
+    recipe: Recipe,
+    out_dir: Path,
+    root: Path,
+    device: str | None,
+    resume: bool,
+    overwrite: bool,
+    track: bool,
+) -> Any:
+    """Train `recipe` and return a `flows.stages.TrainResult`."""
+    import torch
+
+    from flows import tracking
+    from flows.stages import TrainResult, fits_in_memory, write_json
+    from vit.data import AugmentParams, class_names, create_dataset, resolve_meta
+    from vit.distributed import close_distributed, init_distributed
+    from vit.sources import create_model
+    from vit.train import TrainConfig, fit
+
+    cfg = TrainConfig(**recipe.config)
+    baseline = recipe.kind == "baseline"
+    rows = load_rows(params)
+    classes = class_names(rows, params.data.classes)
+    dist = init_distributed(device)
+    try:
+        track = dist.is_main and track
+        if track or any(str(src).startswith("mlflow:") for src in (recipe.source, recipe.teacher)):
+            tracking.configure(params.tracking.uri, params.tracking.experiment)
+        with tempfile.TemporaryDirectory(prefix="vitops-source-") as work:
+            source = resolve_source(recipe.source, Path(work))
+            torch.manual_seed(cfg.seed)  # the new head starts the same in every run and on every rank
+            model, arch, kwargs = create_model(
+                source, recipe.model, len(classes), recipe.img_size, recipe.model_kwargs, allow_scratch=True
+            )
+            meta = resolve_meta(model, arch, classes, recipe.img_size, kwargs, crop_pct=params.train.crop_pct)
+            teacher, teacher_sha = load_teacher_model(recipe.teacher, classes, meta, Path(work) / "teacher")
+        if recipe.source == "scratch" and not baseline:
+            log.warning("training the ViT from random weights (source: scratch) as explicitly configured")
+        data_version = _data_version(root)
+        meta.extra.update(
+            source=recipe.source, kind=recipe.kind, data_version=data_version, git_commit=tracking.git_commit()
+        )
+        if teacher is not None:
+            meta.extra.update(teacher=recipe.teacher, distill=cfg.distill)
+        augment = AugmentParams(**same_named(AugmentParams, params.train))
+        cache = fits_in_memory(rows)
+        train_set = create_dataset(root, rows, meta, "train", augment, cache=cache)
+        val_set = create_dataset(root, rows, meta, "val", cache=cache)
+        fingerprint = {"model": arch, "model_kwargs": kwargs, "classes": classes, "source": recipe.source}
+        fingerprint["train_images"] = len(train_set)
+        if teacher is not None:
+            fingerprint["teacher"] = {"source": recipe.teacher, "weights_sha256": teacher_sha}
+        run_params = {
+            "kind": recipe.kind,
+            "model": arch,
+            "source": recipe.source,
+            "teacher": recipe.teacher or "none",
+            "img_size": recipe.img_size,
+            **{f"model.{k}": v for k, v in kwargs.items()},
+            **recipe.config,
+            "num_classes": len(classes),
+            "train_images": len(train_set),
+            "val_images": len(val_set),
+            "world_size": dist.world_size,
+            "device": str(dist.device),
+        }
+
+        def run_fit(on_epoch: Any) -> tuple[Any, float]:
+            start = time.perf_counter()
+            result = fit(
+                model,
+                train_set,
+                val_set,
+                cfg,
+                out_dir / "checkpoints",
+                num_classes=len(classes),
+                targets=train_set.targets,
+                dist=dist,
+                resume=resume,
+                overwrite=overwrite,
+                on_epoch=on_epoch,
+                fingerprint=fingerprint,
+                teacher=teacher,
+            )
+            return result, time.perf_counter() - start
+
+        def outcome(result: Any, seconds: float, run_id: str | None) -> TrainResult:
+            return TrainResult(
+                kind=recipe.kind,
+                model_dir=out_dir / "model",
+                out_dir=out_dir,
+                best_epoch=result.best_epoch,
+                epochs_run=result.epochs_run,
+                metrics=dict(result.best),
+                train_seconds=seconds,
+                device=str(dist.device),
+                world_size=dist.world_size,
+                data_version=data_version,
+                run_id=run_id,
+                is_main=dist.is_main,
+            )
+
+        def write_outputs(result: Any, seconds: float) -> Path:
+            from vit.bundle import save_bundle
+
+            device_hours = seconds * dist.world_size / 3600
+            meta.extra.update(best_epoch=result.best_epoch, epochs_run=result.epochs_run, **result.best)
+            meta.extra.update(train_seconds=round(seconds, 3), train_device_hours=device_hours, device=str(dist.device))
+            model_dir = save_bundle(model.cpu(), meta, out_dir / "model")
+            summary = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, **result.best}
+            summary.update(train_seconds=seconds, train_device_hours=device_hours, world_size=dist.world_size)
+            write_json(out_dir / "train_metrics.json", summary)
+            return model_dir
+
+        if not track:
+            result, seconds = run_fit(None)
+            if dist.is_main:
+                write_outputs(result, seconds)
+            return outcome(result, seconds, None)
+        run_id_file = out_dir / "checkpoints" / "mlflow_run_id"
+        previous = run_id_file.read_text().strip() if resume and run_id_file.is_file() else None
+        tags = {
+            "stage": "train",
+            "kind": recipe.kind,
+            "data_version": data_version or "unknown",
+            "git_commit": meta.extra["git_commit"],
+        }
+        with tracking.start_or_resume_run(f"train-{recipe.kind}", run_id=previous, tags=tags) as run:
+            run_id_file.parent.mkdir(parents=True, exist_ok=True)
+            run_id_file.write_text(run.run_id)
+            if previous is None:
+                run.log_params(run_params)
+            result, seconds = run_fit(tracking.epoch_logger(run))
+            meta.extra["mlflow_run_id"] = run.run_id
+            model_dir = write_outputs(result, seconds)
+            best = {f"best_{k}": v for k, v in result.best.items()}
+            run.log_metrics(best | {"best_epoch": result.best_epoch, "train_seconds": seconds})
+            run.log_artifact(model_dir, artifact_path="model")
+            run.log_artifact(out_dir / "checkpoints" / "last.pt", artifact_path="checkpoints")
+        return outcome(result, seconds, run.run_id)
+    finally:
+        close_distributed()
+
+
+def _data_version(root: Path) -> str | None:
+    try:
+        from flows.versioning import data_version
+
+        return data_version(root)
+    except Exception as err:  # no DVC repo, no .dvc file: record as unknown rather than fail training
+        log.info("no DVC data version for %s (%s)", root, err)
+        return None

@@ -1,0 +1,31 @@
+"""`vitops bench --device`: like with like, torch CUDA against TensorRT and torch CPU against ONNX Runtime."""
+
+from __future__ import annotations
+
+import pytest
+
+from deploy.latency import plan_bench
+
+ALL = {"onnxruntime-fp32", "onnxruntime-int8", "tensorrt-fp16", "tensorrt-int8"}
+
+
+def test_gpu_machine_benches_both_sides_each_against_its_own_torch() -> None:
+    cuda, cpu = plan_bench("auto", cuda_available=True, built=ALL)
+    assert (cuda.device, cuda.reference) == ("cuda", "torch-cuda")
+    assert cuda.backends == ["torch-cuda", "torch-cuda-compile", "tensorrt-fp16", "tensorrt-int8"]
+    assert (cpu.device, cpu.reference) == ("cpu", "torch-eager")
+    assert cpu.backends == ["torch-eager", "onnxruntime-fp32", "onnxruntime-int8"]
+
+
+def test_device_picks_one_side_and_unbuilt_engines_are_left_out() -> None:
+    (cpu,) = plan_bench("cpu", cuda_available=True, built={"onnxruntime-int8", "tensorrt-fp16"})
+    assert cpu.backends == ["torch-eager", "onnxruntime-int8"]
+    (cuda,) = plan_bench("cuda", cuda_available=True, built={"onnxruntime-int8", "tensorrt-fp16"})
+    assert cuda.backends == ["torch-cuda", "torch-cuda-compile", "tensorrt-fp16"]
+
+
+def test_cpu_machine_has_no_cuda_side() -> None:
+    (cpu,) = plan_bench("auto", cuda_available=False, built=ALL)
+    assert cpu.device == "cpu" and "tensorrt-fp16" not in cpu.backends
+    with pytest.raises(ValueError, match="no CUDA device here; use --device cpu"):
+        plan_bench("cuda", cuda_available=False, built=ALL)
