@@ -338,6 +338,16 @@ def _kpis_dict(kpis: Any) -> dict[str, Any]:
     return {"label": kpis.label, "top1": kpis.top1, "latency": latency, "cost": kpis.cost.as_dict()}
 
 
+def _validation_summary(report: Path) -> str:
+    data = json.loads(report.read_text(encoding="utf-8"))
+    counts = data.get("counts", {})
+    verdict = "passed" if data.get("passed") else "FAILED"
+    return (
+        f"data gate {verdict}: {counts.get('files', '?')} files, {counts.get('usable', '?')} usable, "
+        f"{counts.get('rejected', '?')} rejected, {len(data.get('warnings', []))} warnings"
+    )
+
+
 def params_hash(params: Params) -> str:
     """sha256 of the effective parameters (after defaults), so two runs with the same settings match."""
     import hashlib
@@ -390,7 +400,10 @@ def run_register(params: Params, model_dir: Path, flow_run_id: str) -> RegisterR
         "train_run_id": str(meta.extra.get("mlflow_run_id", "")),
         "gate.passed": str(bool(decision["passed"])).lower(),
         "gate.summary": decision["decision"].get("summary", ""),
-        "gate.reasons": "\n".join(c["reason"] for c in decision["decision"]["checks"]),
+        "gate.reasons": "\n".join(
+            f"{'PASS' if c['passed'] else 'FAIL'} {c['kpi']}/{c['name']}: {c['reason']}"
+            for c in decision["decision"]["checks"]
+        ),
         "gate.reference": f"{decision['reference_kind']} {decision.get('reference_version') or ''}".strip(),
         "engines": ",".join(e["target"] + "-" + e["precision"] for e in serving["engines"]),
         **{k: f"{v:.6g}" for k, v in metrics.items() if k.startswith("kpi.")},
@@ -399,6 +412,11 @@ def run_register(params: Params, model_dir: Path, flow_run_id: str) -> RegisterR
     name = params.tracking.registered_model
     run_id = meta.extra.get("mlflow_run_id")
     with tracking.start_or_resume_run("register", run_id=run_id, tags={"stage": "register"}) as run:
+        report = Path(params.validate_.report)
+        if report.is_file():  # the data gate's verdict travels with the version (lineage)
+            run.log_artifact(report, artifact_path="data")
+            tags["validation.report"] = f"runs:/{run.run_id}/data/{report.name}"
+            tags["validation.summary"] = _validation_summary(report)
         version = registry.register_version(
             name,
             run.run_id,

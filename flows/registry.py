@@ -524,7 +524,13 @@ def _save_pyfunc(
     if entries:
         artifacts["engines"] = stage / "engines"
     paths = {key: str(path) for key, path in artifacts.items()}
-    return _pyfunc_module().save(tmp / PYFUNC_PATH, paths, list(meta["classes"]), int(meta["img_size"]))
+    # MLflow warns on every save that a pickled python_model is code; ours is our own class from code_paths.
+    quiet = logging.getLogger("mlflow.pyfunc")
+    level, quiet.level = quiet.level, logging.ERROR
+    try:
+        return _pyfunc_module().save(tmp / PYFUNC_PATH, paths, list(meta["classes"]), int(meta["img_size"]))
+    finally:
+        quiet.setLevel(level)
 
 
 def _pyfunc_module() -> Any:

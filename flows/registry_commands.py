@@ -182,25 +182,49 @@ def _split_ref(text: str) -> tuple[str, str]:
 
 
 def _format_lineage(info: dict[str, Any]) -> str:
-    lines = []
-    for section, value in info.items():
-        lines.append(f"{section}:")
-        if isinstance(value, dict):
-            for key, item in value.items():
-                lines.append(f"  {key}: {_one_line(item)}")
-        elif isinstance(value, list):
-            for item in value:
-                lines.append(f"  - {_one_line(item)}")
-        else:
-            lines.append(f"  {value}")
-    return "\n".join(lines)
+    """The chain of one version, section by section: data, training, evaluation, gate, engines, alias moves."""
+    v = info["version"]
+    tags = v["tags"]
+    run = info.get("train_run") or info.get("run") or {}
+    params = run.get("params", {})
+    metrics = run.get("metrics", {})
+    aliases = ", ".join(v["aliases"]) or "none"
+    lines = [f"{v['name']} version {v['version']} (aliases: {aliases}; registered {v['created']})"]
+    lines += [
+        "data:",
+        f"  version {tags.get('data_version', '?')} (DVC hash of the training data)",
+        f"  validation report {tags.get('validation.report', 'not recorded')}",
+        f"  {tags.get('validation.summary', '')}".rstrip(),
+        "training:",
+        f"  run {run.get('run_id', v['run_id'])}, git {tags.get('git_commit', '?')}, "
+        f"params {tags.get('params_hash', '?')}",
+        "  " + ", ".join(f"{k}={params[k]}" for k in sorted(params) if k in _KEY_PARAMS),
+        "evaluation:",
+        "  " + ", ".join(f"{k} {metrics[k]:.4f}" for k in sorted(metrics) if k in _KEY_METRICS),
+        f"KPI gate: {'passed' if tags.get('gate.passed') == 'true' else 'FAILED'} "
+        f"against {tags.get('gate.reference', '?')}",
+    ]
+    lines += [f"  {reason}" for reason in (tags.get("gate.reasons") or "").splitlines()]
+    lines.append("  " + ", ".join(f"{k} {tags[k]}" for k in sorted(tags) if k.startswith("kpi.") and k in _KEY_KPIS))
+    lines.append("engines:")
+    for e in info.get("engines", []):
+        p50 = f"p50 {e['p50_ms']:.3f} ms" if e.get("p50_ms") is not None else "not timed"
+        lines.append(f"  {e.get('file')}  {e.get('target')} {e.get('precision')}  {p50}  sha256 {e.get('sha256')}")
+    onnx = (info.get("serving") or {}).get("onnx")
+    if onnx:
+        lines.append(f"  {onnx.get('file')}  onnx export  sha256 {onnx.get('sha256')}")
+    lines.append("alias moves:")
+    for m in info.get("moves", []):
+        lines.append(
+            f"  #{m['seq']} {m['alias']}: {_v(m['from_version'])} -> {_v(m['to_version'])}  {m['time']}  "
+            f"{m['user']}@{m['host']}  {m['reason']}" + (" [gate override]" if m.get("override") else "")
+        )
+    return "\n".join(line for line in lines if line.strip())
 
 
-def _one_line(item: Any) -> str:
-    if isinstance(item, dict):
-        return ", ".join(f"{k}={_one_line(v)}" for k, v in item.items())
-    text = str(item)
-    return text.replace("\n", " | ")
+_KEY_PARAMS = {"model", "source", "teacher", "epochs", "lr", "batch_size", "img_size", "train_images", "device"}
+_KEY_METRICS = {"test_top1", "test_macro_f1", "test_ece", "best_val_top1", "train_seconds"}
+_KEY_KPIS = {"kpi.top1", "kpi.uplift_points", "kpi.latency_p95_ms", "kpi.monthly_tco", "kpi.serving_per_million"}
 
 
 def _v(version: str | None) -> str:

@@ -132,7 +132,12 @@ def test_gate_fail_gets_no_candidate_and_promotion_needs_a_recorded_override(par
 
     assert main(["--params", str(params), "lineage", f"{MODEL}@champion"]) == 0
     lineage = capsys.readouterr().out
-    assert "gate" in lineage and "sha256" in lineage and "data_version" in lineage
+    print(lineage)
+    assert lineage.startswith(f"{MODEL} version {failed} (aliases: champion")
+    for part in ("data:", "training:", "evaluation:", "KPI gate: FAILED against baseline", "FAIL latency/p95_ms"):
+        assert part in lineage
+    assert "onnxruntime/int8.onnx  onnxruntime int8-dynamic" in lineage and "sha256 " in lineage
+    assert f"champion: none -> v{failed}" in lineage and "[gate override]" in lineage
 
 
 def test_the_champion_is_the_next_reference_re_evaluated_today(params: Path, tracking: str, capsys) -> None:
