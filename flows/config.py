@@ -262,6 +262,17 @@ class CostParams(_Section):
     upkeep_per_month: float = Field(..., ge=0.0, description="fixed monthly upkeep: monitoring, labelling, on-call")
 
 
+class RetrainParams(_Section):
+    """The retrain flow and its deployments (prefect.yaml, `vitops serve`)."""
+
+    cron: str = Field("0 2 * * *", description="schedule of the retrain/nightly deployment")
+    timezone: str = "UTC"
+    nproc_per_node: int = Field(1, ge=1, description="processes (GPUs) for the fine-tune; > 1 runs torchrun")
+    wait_timeout_s: float = Field(
+        6 * 3600.0, gt=0.0, description="how long a second retrain of the same model waits for the running one"
+    )
+
+
 class TrackingParams(_Section):
     """MLflow; `MLFLOW_TRACKING_URI` in the environment wins over `uri`."""
 
@@ -284,6 +295,7 @@ class Params(_Section):
     bench: BenchParams = Field(default_factory=BenchParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
     gate: GateParams = Field(default_factory=GateParams)
+    retrain: RetrainParams = Field(default_factory=RetrainParams)
     cost: CostParams | None = Field(None, description="prices for the cost KPI; the gate needs them")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())

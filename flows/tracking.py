@@ -153,7 +153,8 @@ def start_run(
 
     tags = {k: str(v) for k, v in (tags or {}).items()}
     active = mlflow.active_run()
-    parent = parent_run_id or (active.info.run_id if active else None)
+    # A flow's run is the parent: given, active in this thread, or named by the flow for all its threads
+    parent = parent_run_id or (active.info.run_id if active else None) or os.environ.get("VITOPS_PARENT_RUN_ID")
     if parent:
         tags["mlflow.parentRunId"] = parent
     try:
@@ -197,6 +198,24 @@ def download_model(model_uri: str, dst: Path) -> Path:
         if (meta.parent / "weights.safetensors").is_file():
             return meta.parent
     raise TrackingError(f"{model_uri}: holds no vitops model folder (model.json + weights.safetensors)")
+
+
+def find_runs(filter_string: str, max_results: int = 1) -> list[dict[str, Any]]:
+    """Runs of the configured experiment matching an MLflow search filter, newest first, as plain dicts."""
+    from mlflow import MlflowClient
+
+    try:
+        runs = MlflowClient().search_runs(
+            [_experiment()],
+            filter_string=filter_string,
+            order_by=["attributes.start_time DESC"],
+            max_results=max_results,
+        )
+    except TrackingError:
+        raise
+    except Exception as err:  # connection and permission errors alike
+        raise TrackingError(f"cannot search MLflow runs: {err}") from err
+    return [{"run_id": r.info.run_id, "status": r.info.status, "tags": dict(r.data.tags)} for r in runs]
 
 
 def threshold_verdicts(values: Mapping[str, float], thresholds: Mapping[str, tuple[float, bool]]) -> dict[str, bool]:

@@ -368,3 +368,28 @@ def _run(cmd: list[str], cwd: Path, tool: str) -> str:
         detail = (proc.stderr or proc.stdout).strip()
         raise VersioningError(f"`{shown}` failed in {cwd}:\n{detail}")
     return proc.stdout
+
+
+CODE_DIRS = ("common", "data_checks", "vit", "deploy", "flows")
+
+
+def code_version(root: Path | str | None = None) -> str:
+    """The version of the pipeline's code: git's tree hashes of the code folders, plus a digest of their
+    uncommitted changes (`<trees>-dirty-<digest>`). Data commits (`data/raw.dvc`) and docs do not change it;
+    `unknown` outside git."""
+    import hashlib
+
+    root = Path(root) if root else Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
+
+    try:
+        trees = git("rev-parse", *(f"HEAD:{d}" for d in CODE_DIRS if (root / d).is_dir())).split()
+        diff = git("diff", "HEAD", "--", *CODE_DIRS)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    version = hashlib.sha256(" ".join(trees).encode()).hexdigest()[:16]
+    if diff:
+        version += "-dirty-" + hashlib.sha256(diff.encode()).hexdigest()[:12]
+    return version

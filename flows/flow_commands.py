@@ -1,0 +1,113 @@
+"""`vitops` commands of the Prefect flows.
+
+vitops retrain [--model NAME] [--data DIR] [--force] [--nproc-per-node N]
+        run the retrain flow once, in this process (Prefect's ephemeral API unless PREFECT_API_URL is set);
+        prints the KPI table, the registry decision and where to look; exit 1 when a gate said no
+vitops serve
+        serve the deployments (retrain/nightly on retrain.cron, retrain/on-demand) from this process; needs a
+        Prefect server (PREFECT_API_URL) for the schedule to fire
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from flows.config import DEFAULT_PARAMS, Params
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Error classes of this group that are user mistakes (imported only when an error is being reported)."""
+    return ()
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add this group's subcommands to the `vitops` parser."""
+    p = sub.add_parser("retrain", help="run the retrain flow once: validate ... gate, register")
+    p.add_argument("--model", help="registered model (default: tracking.registered_model)")
+    p.add_argument("--data", help="DVC-tracked image folder (default: data.raw_dir)")
+    p.add_argument("--force", action="store_true", help="retrain even when data, params and code are unchanged")
+    p.add_argument("--nproc-per-node", type=int, help="GPUs for the fine-tune (torchrun when > 1)")
+    p.set_defaults(handler=cmd_retrain)
+
+    p = sub.add_parser("serve", help="serve the retrain deployments (schedule included) from this process")
+    p.set_defaults(handler=cmd_serve)
+
+
+def _quiet_prefect(verbose: bool) -> None:
+    # Prefect logs every task's state change at INFO; the command prints its own summary.
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def cmd_retrain(args: argparse.Namespace, params: Params) -> int:
+    """Run the retrain flow and print what a user looks at."""
+    _quiet_prefect(args.verbose)
+    from flows.retrain import DATA_GATE_FAILED, KPI_GATE_FAILED, SKIPPED, retrain
+
+    params_file = str(args.params or DEFAULT_PARAMS)
+    state = retrain(
+        model_name=args.model,
+        data=args.data,
+        params_file=params_file,
+        force=args.force,
+        nproc_per_node=args.nproc_per_node,
+        return_state=True,
+    )
+    if state.name == SKIPPED:
+        print(f"retrain {state.name}: {state.message}")
+        return 0
+    if state.is_failed() and state.name not in (DATA_GATE_FAILED, KPI_GATE_FAILED):
+        state.result()  # re-raises the error, which `vitops` reports with its exit code
+    _print_summary(params, state)
+    return 0 if state.is_completed() else 1
+
+
+def _print_summary(params: Params, state: object) -> None:
+    from flows import tracking
+
+    decision_file = Path(params.gate.report).parent / "decision.json"
+    print(f"\nretrain {state.name}: {state.message}")
+    if decision_file.is_file() and state.name != "Data gate failed":
+        decision = json.loads(decision_file.read_text(encoding="utf-8"))
+        table = Path(params.gate.report).with_suffix(".txt")
+        if table.is_file():
+            print(table.read_text(encoding="utf-8"))
+        verdict = "passed" if decision["passed"] else "FAILED"
+        print(f"KPI gate {verdict} against the {decision['reference_kind']}; report {params.gate.report}")
+    uri = tracking.tracking_uri(params.tracking.uri)
+    ui = f"open {uri}" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"
+    print(f"MLflow UI:  {ui}   (model {params.tracking.registered_model}: `vitops history` / `vitops lineage`)")
+    api = os.environ.get("PREFECT_API_URL")
+    print(f"Prefect UI: {'open ' + api.removesuffix('/api') if api else 'prefect server start'} (flow run {state})")
+
+
+def cmd_serve(args: argparse.Namespace, params: Params) -> int:
+    """Serve the deployments from this process until interrupted."""
+    from prefect import serve
+
+    from flows.retrain import retrain
+
+    if not os.environ.get("PREFECT_API_URL"):
+        print(
+            "vitops serve: PREFECT_API_URL is not set, so this serves against a temporary API that runs no "
+            "scheduler: the nightly schedule will not fire. Start `prefect server start` and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api first.",
+            file=sys.stderr,
+        )
+    params_file = str(Path(args.params or DEFAULT_PARAMS).resolve())
+    r = params.retrain
+    serve(
+        retrain.to_deployment(
+            name="nightly",
+            cron=r.cron,
+            parameters={"params_file": params_file},
+            concurrency_limit=1,
+            description="retrain on the current data version every night",
+        ),
+        retrain.to_deployment(name="on-demand", parameters={"params_file": params_file}),
+    )
+    return 0

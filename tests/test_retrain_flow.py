@@ -1,0 +1,130 @@
+"""The retrain flow under Prefect's test harness, against a real MLflow server: gate pass, skip on unchanged
+inputs, force with a KPI-gate failure, a data-gate failure; the named end states, the MLflow records grouped
+under one parent run, the Prefect artifacts and the registry aliases."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from flow_fixtures import make_project, set_params
+from mlflow import MlflowClient
+
+MODEL = "flow-digits"
+
+
+@pytest.fixture(scope="module")
+def harness() -> Iterator[None]:
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory, mlflow_server: str, harness: None) -> Iterator[Path]:
+    root = tmp_path_factory.mktemp("flow") / "project"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        params = make_project(root, MODEL)
+        mp.chdir(root)
+        yield params
+
+
+def _run(params: Path, **kwargs):
+    from flows.retrain import retrain
+
+    return retrain(params_file=str(params), return_state=True, **kwargs)
+
+
+def _artifacts(key: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+
+
+def test_pass_then_skip_then_force_with_a_failing_kpi_gate(project: Path, tracking: str) -> None:
+    client = MlflowClient(tracking)
+    state = _run(project)
+    assert state.is_completed() and state.name == "Completed", state.message
+    assert "KPI gate passed" in state.message and "alias candidate -> version 1" in state.message
+    assert client.get_registered_model(MODEL).aliases == {"candidate": "1"}
+
+    parent = client.search_runs(
+        [client.get_experiment_by_name(MODEL).experiment_id], "tags.stage = 'retrain'", max_results=5
+    )[0]
+    tags = parent.data.tags
+    assert tags["vitops.outcome"] == "passed" and tags["vitops.registered_version"] == "1"
+    assert tags["vitops.data_version"].endswith(".dir") and tags["prefect.flow_run_id"]
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert {"train-vit", "train-baseline", "bench"} <= {r.info.run_name for r in children}
+    assert {a.type for a in _artifacts("flow-digits-kpi-table")} == {"table"}
+    assert "passed" in _artifacts("flow-digits-gate-decision")[0].data
+    assert f"]({tracking}/#/experiments/" in _artifacts("flow-digits-mlflow-run")[0].data  # a link back
+
+    skipped = _run(project)
+    assert skipped.name == "Skipped" and skipped.is_completed()
+    assert "match the last successful retrain" in skipped.message and "force=true" in skipped.message
+    assert len(client.search_model_versions(f"name='{MODEL}'")) == 1  # nothing retrained, nothing registered
+
+    set_params(project, gate={"max_p95_ms": 1e-6})
+    failed = _run(project, force=True)
+    assert failed.is_failed() and failed.name == "KPI gate failed"
+    assert "version 2" in failed.message and "registered without `candidate`" in failed.message
+    assert "p95" in failed.message
+    assert client.get_registered_model(MODEL).aliases == {"candidate": "1"}  # the failed version got no alias
+    assert client.get_model_version(MODEL, "2").tags["gate.passed"] == "false"
+    set_params(project, gate={"max_p95_ms": 1000.0})
+
+
+def test_a_failed_data_gate_ends_failed_with_its_reasons_and_trains_nothing(project: Path, tracking: str) -> None:
+    client = MlflowClient(tracking)
+    versions = len(client.search_model_versions(f"name='{MODEL}'"))
+    broken = project.parent / "data" / "raw" / "3" / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    try:
+        state = _run(project, force=True)
+    finally:
+        broken.unlink()
+    assert state.is_failed() and state.name == "Data gate failed"
+    assert "data gate failed" in state.message and "report.json" in state.message
+    assert len(client.search_model_versions(f"name='{MODEL}'")) == versions
+    assert client.get_registered_model(MODEL).aliases == {"candidate": "1"}
+
+
+def test_transient_errors_are_retried_and_gates_are_not() -> None:
+    from mlflow.exceptions import MlflowException
+
+    from deploy.parity import ParityError
+    from flows.retrain import is_transient
+    from flows.tracking import TrackingError
+
+    try:
+        try:
+            raise ConnectionRefusedError(111, "Connection refused")
+        except ConnectionRefusedError as cause:
+            raise TrackingError("cannot reach MLflow tracking at http://mlflow:5000") from cause
+    except TrackingError as err:
+        assert is_transient(err)
+    assert is_transient(MlflowException("API request failed: Max retries exceeded with url"))
+    assert not is_transient(ParityError("parity gate failed: onnxruntime-int8"))
+    assert not is_transient(ValueError("train.lr: -1 is not allowed"))
+
+
+def test_shipped_deployments_match_params(repo_root: Path) -> None:
+    import yaml
+
+    from flows.config import load_params
+
+    deployments = {d["name"]: d for d in yaml.safe_load((repo_root / "prefect.yaml").read_text())["deployments"]}
+    params = load_params(repo_root / "params.yaml")
+    nightly = deployments["nightly"]
+    assert nightly["schedules"] == [{"cron": params.retrain.cron, "timezone": params.retrain.timezone}]
+    assert nightly["concurrency_limit"]["limit"] == 1
+    for d in deployments.values():
+        assert d["entrypoint"] == "flows/retrain.py:retrain" and d["work_pool"]["name"] == "vitops"
+    gpu = yaml.safe_load((repo_root / "prefect-gpu.yaml").read_text())["deployments"][0]
+    assert gpu["entrypoint"] == "flows/retrain.py:retrain" and gpu["parameters"]["nproc_per_node"] > 1
