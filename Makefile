@@ -14,7 +14,7 @@ export GX_ANALYTICS_ENABLED ?= false
 
 SAMPLE_DIR ?= build/sample-digits
 
-.PHONY: help setup run test lint format bench-validate bench-train bench-latency clean
+.PHONY: help setup run repro test lint format bench-validate bench-train bench-latency clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -27,9 +27,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP) ## create .venv and install vitops with its pinned dependencies
 
-run: $(STAMP) ## the main job on embedded defaults: sample data -> DVC version -> validate -> pipeline
+run: $(STAMP) ## the main job on embedded defaults: sample data -> DVC data version -> the retrain flow
 	$(BIN)/vitops data sample $(SAMPLE_DIR)
 	$(BIN)/vitops data import $(SAMPLE_DIR)
+	$(BIN)/vitops retrain
+
+repro: $(STAMP) ## the same stages through DVC (`dvc repro`; a second run does nothing)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 test: $(STAMP) ## run the test suite (offline, starts its own MLflow server)

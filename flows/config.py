@@ -87,14 +87,14 @@ class PretrainParams(_Section):
     batch_size: int = Field(64, ge=1)
     lr: float = Field(5e-4, gt=0.0)
     seed: int = 0
-    out: Path = Path("artifacts/standin/vit_tiny_chars.safetensors")
+    out: Path = Path("assets/standin/vit_tiny_chars.safetensors")
 
 
 class TrainParams(_Section):
     """Fine-tuning recipe (vit/train.py `TrainConfig`); defaults suit small fine-tuning sets."""
 
     model: str = "vit_tiny_patch16_224"
-    source: str = "file:artifacts/standin/vit_tiny_chars.safetensors"
+    source: str = "file:assets/standin/vit_tiny_chars.safetensors"
     img_size: int = Field(32, ge=8)
     patch_size: int | None = Field(8, ge=1, description="None keeps the architecture's (and the weights') own")
     depth: int | None = Field(6, ge=1, description="None keeps the architecture's own")

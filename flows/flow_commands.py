@@ -15,6 +15,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from flows.config import DEFAULT_PARAMS, Params
 
@@ -66,7 +67,7 @@ def cmd_retrain(args: argparse.Namespace, params: Params) -> int:
     return 0 if state.is_completed() else 1
 
 
-def _print_summary(params: Params, state: object) -> None:
+def _print_summary(params: Params, state: Any) -> None:
     from flows import tracking
 
     decision_file = Path(params.gate.report).parent / "decision.json"
@@ -82,7 +83,9 @@ def _print_summary(params: Params, state: object) -> None:
     ui = f"open {uri}" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"
     print(f"MLflow UI:  {ui}   (model {params.tracking.registered_model}: `vitops history` / `vitops lineage`)")
     api = os.environ.get("PREFECT_API_URL")
-    print(f"Prefect UI: {'open ' + api.removesuffix('/api') if api else 'prefect server start'} (flow run {state})")
+    run_id = state.state_details.flow_run_id
+    where = f"open {api.removesuffix('/api')}/runs/flow-run/{run_id}" if api else "prefect server start"
+    print(f"Prefect UI: {where}   (flow run {run_id}; the ephemeral API keeps it in ~/.prefect/prefect.db)")
 
 
 def cmd_serve(args: argparse.Namespace, params: Params) -> int:
@@ -108,6 +111,6 @@ def cmd_serve(args: argparse.Namespace, params: Params) -> int:
             concurrency_limit=1,
             description="retrain on the current data version every night",
         ),
-        retrain.to_deployment(name="on-demand", parameters={"params_file": params_file}),
+        retrain.to_deployment(name="on-demand", parameters={"params_file": params_file}, concurrency_limit=1),
     )
     return 0

@@ -276,6 +276,7 @@ def run_gate(params: Params, model_dir: Path, track: bool) -> GateResult:
         "test images": str(uplift.n),
     }
     report_files = write_report(Path(g.report), candidate, reference, uplift, decision, context)
+    atomic_write_json(Path(g.report).parent / "kpis.json", kpi_metrics(candidate, reference, uplift))  # DVC metrics
     table_file = Path(g.report).with_suffix(".txt")
     table_file.write_text(table + "\n", encoding="utf-8")
     decision_file = atomic_write_json(

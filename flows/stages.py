@@ -131,7 +131,8 @@ def pretrain_standin(
     spec.images = images or p.images
     spec.epochs = epochs or p.epochs
     path = Path(out or p.out)
-    info = _pretrain(spec, path)
+    # its own checkpoints go to artifacts/, never next to the shipped file
+    info = _pretrain(spec, path, work_dir=Path("artifacts/standin-work"))
     return PretrainResult(path=path, val_top1=float(info["val_top1"]))
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from flow_fixtures import PRICES
 from mlflow import MlflowClient
 from test_vit_fixtures import write_digits, write_manifest, write_params, write_tiny_checkpoint
 
@@ -43,15 +44,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, mlflow_server: str) -> Ite
             bench={"warmup": 1, "iters": 10, "large_batch": 4, "out": str(root / "bench" / "latency.json")},
             tracking={"registered_model": MODEL},
             gate={"report": str(root / "gate" / "report.md"), "min_uplift_points": -100.0, "bootstrap_samples": 500},
-            cost={
-                "currency": "USD",
-                "train_price_per_hour": 4.0,
-                "serve_price_per_hour": 0.2,
-                "utilisation": 0.5,
-                "retrains_per_month": 4,
-                "images_per_month": 2_000_000,
-                "upkeep_per_month": 300.0,
-            },
+            cost=PRICES,
         )
         p = ["--params", str(params)]
         assert main([*p, "train", "--baseline"]) == 0

@@ -80,6 +80,14 @@ def test_pass_then_skip_then_force_with_a_failing_kpi_gate(project: Path, tracki
     set_params(project, gate={"max_p95_ms": 1000.0})
 
 
+def test_vitops_retrain_says_skipped_and_exits_0(project: Path, tracking: str, capsys) -> None:
+    from flows.cli import main
+
+    assert main(["--params", str(project), "retrain"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("retrain Skipped: skipped: data ") and "force=true" in out
+
+
 def test_a_failed_data_gate_ends_failed_with_its_reasons_and_trains_nothing(project: Path, tracking: str) -> None:
     client = MlflowClient(tracking)
     versions = len(client.search_model_versions(f"name='{MODEL}'"))

@@ -190,7 +190,7 @@ def pretrain_standin(spec: StandinSpec, out: Path, work_dir: Path | None = None,
     import timm
     from safetensors.torch import save_file
 
-    from common.files import atomic_write
+    from common.files import atomic_write, sha256_file
     from vit.train import TrainConfig, fit
 
     out = Path(out)
@@ -237,6 +237,7 @@ def pretrain_standin(spec: StandinSpec, out: Path, work_dir: Path | None = None,
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {"format": "pt", "vitops_standin": "true", "notice": STANDIN_NOTICE, "model": spec.model}
     atomic_write(out, lambda tmp: save_file(state, tmp, metadata=metadata))
+    info["weights_sha256"] = sha256_file(out)  # what a shipped copy is checked against
     description = out.with_suffix(".json")
     atomic_write(description, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2), encoding="utf-8"))
     return info
