@@ -46,7 +46,7 @@ def make_project(root: Path, model: str, images: int = 60) -> Path:
                   "teacher": f"file:{a / 'train' / 'baseline' / 'model'}"},
         "baseline": {"epochs": 1, "out_dir": str(a / "train" / "baseline")},
         "evaluate": {"out_dir": str(a / "eval")},
-        "export": {"out": str(a / "engines" / "model.onnx"), "parity_images": 16},
+        "export": {"out": str(a / "engines" / "model.onnx"), "parity_images": 16, "exporter": "torchscript"},
         "engine": {"out_dir": str(a / "engines"), "calibration_images": 16, "min_int8_top1_agreement": 0.5},
         "bench": {"warmup": 1, "iters": 10, "large_batch": 4, "out": str(a / "bench" / "latency.json")},
         "tracking": {"registered_model": model, "experiment": model},

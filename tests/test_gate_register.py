@@ -39,7 +39,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, mlflow_server: str) -> Ite
         params = write_params(root, root / "data", root / "manifest.csv", root / "pretrained.safetensors", epochs=1)
         _set(
             params,
-            export={"out": str(root / "engines" / "model.onnx"), "parity_images": 16},
+            export={"out": str(root / "engines" / "model.onnx"), "parity_images": 16, "exporter": "torchscript"},
             engine={"out_dir": str(root / "engines"), "calibration_images": 16, "min_int8_top1_agreement": 0.5},
             bench={"warmup": 1, "iters": 10, "large_batch": 4, "out": str(root / "bench" / "latency.json")},
             tracking={"registered_model": MODEL},
