@@ -69,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:
         for package in ("common", "data_checks", "vit", "deploy", "flows"):
             logging.getLogger(package).setLevel(logging.INFO)
+        for chatty in ("mlflow", "great_expectations", "alembic"):  # they attach INFO handlers of their own
+            logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         params = load_params(args.params or DEFAULT_PARAMS, must_exist=args.params is not None)
         return int(args.handler(args, params) or 0)

@@ -229,7 +229,7 @@ class GateParams(_Section):
         "auto", description="auto = the champion when the registry has one, else the CNN baseline"
     )
     min_uplift_points: float = Field(
-        -1.0, ge=-100.0, le=100.0, description="> 0 superiority; < 0 non-inferiority margin (points)"
+        -2.0, ge=-100.0, le=100.0, description="> 0 superiority; < 0 non-inferiority margin (points)"
     )
     require_interval: bool = Field(True, description="the interval's lower bound (not only the estimate) must clear it")
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="level of the bootstrap interval")

@@ -42,6 +42,8 @@ def _quiet_prefect(verbose: bool) -> None:
     # Prefect logs every task's state change at INFO; the command prints its own summary.
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # The ephemeral API migrates its database on the first start of a machine: 20 s is not always enough here.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def cmd_retrain(args: argparse.Namespace, params: Params) -> int:
@@ -84,8 +86,9 @@ def _print_summary(params: Params, state: Any) -> None:
     print(f"MLflow UI:  {ui}   (model {params.tracking.registered_model}: `vitops history` / `vitops lineage`)")
     api = os.environ.get("PREFECT_API_URL")
     run_id = state.state_details.flow_run_id
-    where = f"open {api.removesuffix('/api')}/runs/flow-run/{run_id}" if api else "prefect server start"
-    print(f"Prefect UI: {where}   (flow run {run_id}; the ephemeral API keeps it in ~/.prefect/prefect.db)")
+    ui = api.removesuffix("/api") if api else "http://127.0.0.1:4200"
+    start = "" if api else "prefect server start, then "  # the ephemeral API's runs are in the same database
+    print(f"Prefect UI: {start}open {ui}/runs/flow-run/{run_id}")
 
 
 def cmd_serve(args: argparse.Namespace, params: Params) -> int:

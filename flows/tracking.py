@@ -42,6 +42,7 @@ def configure(uri: str, experiment: str) -> str:
     global _experiment_id
     # MLflow prints "View run ... at URL" for every run it ends; vitops prints the run ids it made itself.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no download bars in logs
     uri = tracking_uri(uri)
     mlflow.set_tracking_uri(uri)
     try:

@@ -213,7 +213,8 @@ def train_one_epoch(
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     steps = len(loader)
     total_images = len(loader.sampler) if hasattr(loader.sampler, "__len__") else None
-    bar_args = {} if show_progress else {"disable": True}  # leave tqdm's own TQDM_DISABLE handling in charge
+    # disable=None: no bar when stderr is not a terminal (logs, CI, a Prefect worker); TQDM_DISABLE still applies
+    bar_args = {"disable": None if show_progress and not os.environ.get("TQDM_DISABLE") else True}
     bar = tqdm(total=total_images, unit="img", unit_scale=True, desc=f"epoch {epoch + 1}/{cfg.epochs}", **bar_args)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     seen = torch.zeros((), device=device, dtype=torch.float64)
