@@ -113,7 +113,15 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def tracking(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """Points MLFLOW_TRACKING_URI at the test server for one test."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    forget_tracking_uri(monkeypatch)
     return mlflow_server
+
+
+def forget_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Undo an earlier test's `mlflow.set_tracking_uri` (tracking.configure), so MLFLOW_TRACKING_URI is read."""
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.setattr(utils, "_tracking_uri", None)
 
 
 @pytest.fixture(scope="session")

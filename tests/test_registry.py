@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import forget_tracking_uri
 from mlflow import MlflowClient
 
 from deploy.export import export_onnx
@@ -115,10 +116,7 @@ def release(tmp_path_factory: pytest.TempPathFactory) -> Release:
 @pytest.fixture()
 def server(tracking: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """The test server, also when an earlier test pinned another URI with `mlflow.set_tracking_uri`."""
-    from mlflow.tracking._tracking_service import utils
-
-    monkeypatch.setattr(utils, "_tracking_uri", None)  # so MLFLOW_TRACKING_URI, set by `tracking`, is read
-    return tracking
+    return tracking  # `tracking` also forgets a URI an earlier test pinned
 
 
 def test_registered_version_carries_tags_artifacts_and_lineage(server: str, release: Release) -> None:
@@ -329,6 +327,7 @@ def test_unreachable_server_names_its_uri(monkeypatch: pytest.MonkeyPatch) -> No
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    forget_tracking_uri(monkeypatch)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     with pytest.raises(RegistryError, match=f"MLflow at http://127.0.0.1:{port}: reading registered model m failed"):
