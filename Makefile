@@ -14,7 +14,7 @@ export GX_ANALYTICS_ENABLED ?= false
 
 SAMPLE_DIR ?= build/sample-digits
 
-.PHONY: help setup run repro test lint format bench-validate bench-train bench-latency clean
+.PHONY: help setup run repro test lint format bench-flow bench-validate bench-train bench-latency clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -52,6 +52,9 @@ bench-validate: $(STAMP) ## validation throughput against a plain Pillow decode 
 TIMM_REPO ?= ../pytorch-image-models
 bench-train: $(STAMP) ## training images/s against timm's train.py (TIMM_REPO=path to a timm checkout)
 	$(BIN)/python bench/train_throughput.py --timm-repo $(TIMM_REPO)
+
+bench-flow: $(STAMP) ## the retrain flow's orchestration and tracking overhead against the stages called directly
+	$(BIN)/python bench/flow_overhead.py
 
 bench-latency: $(STAMP) ## ONNX Runtime FP32/INT8 against torch eager, quickstart ViT and ViT-S/16
 	$(BIN)/python bench/latency_targets.py

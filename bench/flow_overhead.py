@@ -50,6 +50,9 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=ROOT / "build" / "bench" / "flow")
     args = parser.parse_args()
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    os.environ.setdefault("PREFECT_HOME", str(args.workdir / "prefect-home"))  # its own API database
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     args.workdir.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="project-", dir=args.workdir))
@@ -84,7 +87,17 @@ def main() -> int:
         direct[name] = direct.get(name, 0.0) + time.perf_counter() - t0
     direct_wall = time.perf_counter() - start
 
+    from prefect import flow
+
     from flows.retrain import retrain
+
+    @flow
+    def noop() -> None:
+        """Starts the ephemeral API (once per process), so it is timed apart from the retrain."""
+
+    t0 = time.perf_counter()
+    noop()
+    api_start = time.perf_counter() - t0
 
     inside: dict[str, float] = {}
     _timed(stages, STAGES, inside)
@@ -106,8 +119,12 @@ def main() -> int:
     overhead = flow_wall - sum(inside.values())
     share = overhead / direct_wall
     verdict = "meets" if share <= 0.10 else "MISSES"
-    print(f"\noverhead (flow wall - time in stages): {overhead:.2f} s = {share:.1%} of the direct wall time "
-          f"({verdict} the 10 % target); flow / direct wall: {flow_wall / direct_wall:.2f}x")  # fmt: skip
+    print(
+        f"\noverhead (flow wall - time in stages): {overhead:.2f} s = {share:.1%} of the direct wall time "
+        f"({verdict} the 10 % target); flow / direct wall: {flow_wall / direct_wall:.2f}x"
+    )
+    print(f"plus the ephemeral Prefect API's start, once per process (not with a running server): {api_start:.2f} s")
+    print("direct runs first, so it pays the one-time imports (GX, the pyfunc code): compare totals, not rows")
     return 0
 
 
