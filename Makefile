@@ -35,7 +35,7 @@ run: $(STAMP) ## the main job on embedded defaults: sample data -> DVC data vers
 repro: $(STAMP) ## the same stages through DVC (`dvc repro`; a second run does nothing)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
-test: $(STAMP) ## run the test suite (offline, starts its own MLflow server)
+test: $(STAMP) ## run the test suite (offline; starts its own MLflow and Prefect servers on 127.0.0.1)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 lint: $(STAMP) ## ruff check and format check
