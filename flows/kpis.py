@@ -138,7 +138,7 @@ def train_hours(meta: Any, what: str) -> float:
     return float(hours)
 
 
-def _baseline_reference(params: Params, candidate_preds: Any, prices: Any) -> tuple[Any, Any, None]:
+def _baseline_reference(params: Params, prices: Any) -> tuple[Any, Any, None]:
     from deploy.kpi import ModelKpis, cost_of
     from deploy.latency import torch_runner
     from vit.bundle import load_bundle
@@ -199,7 +199,7 @@ def _champion_reference(params: Params, champion: Any, work: Path, prices: Any) 
     return kpis, preds, str(champion.version)
 
 
-def _champion(params: Params) -> Any:
+def champion_version(params: Params) -> Any:
     """The registry's champion version, or None when the model or the alias does not exist yet."""
     from flows import registry
 
@@ -243,7 +243,7 @@ def run_gate(params: Params, model_dir: Path, track: bool) -> GateResult:
         cost=cost_of(train_hours(meta, str(model_dir)), latency.throughput_ips, prices),
     )
     tracking.configure(params.tracking.uri, params.tracking.experiment)
-    champion = _champion(params) if g.reference in ("auto", "champion") else None
+    champion = champion_version(params) if g.reference in ("auto", "champion") else None
     if g.reference == "champion" and champion is None:
         raise GateInputError(
             f"gate.reference is champion but {params.tracking.registered_model} has no champion; "
@@ -254,7 +254,7 @@ def run_gate(params: Params, model_dir: Path, track: bool) -> GateResult:
             reference, ref_preds, ref_version = _champion_reference(params, champion, Path(work), prices)
             kind = "champion"
         else:
-            reference, ref_preds, ref_version = _baseline_reference(params, preds, prices)
+            reference, ref_preds, ref_version = _baseline_reference(params, prices)
             kind = "baseline"
     cand_ok, ref_ok = paired(preds, ref_preds, kind)
     uplift = paired_uplift(cand_ok, ref_ok, confidence=g.confidence, samples=g.bootstrap_samples, seed=0)

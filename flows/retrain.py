@@ -234,6 +234,6 @@ def _needs_baseline(params: Params) -> bool:
         return True  # compared with it, or distilled from it
     if params.gate.reference == "champion":
         return False
-    from flows.kpis import _champion
+    from flows.kpis import champion_version
 
-    return _champion(params) is None
+    return champion_version(params) is None
