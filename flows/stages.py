@@ -31,18 +31,11 @@ from flows.recipe import load_rows, recipe_for, same_named
 
 log = logging.getLogger(__name__)
 
-# Small fine-tuning sets are decoded once and kept in memory; larger ones are decoded every epoch.
-_CACHE_BYTES = 4 * 2**30
-
 # Engine files under engine.out_dir, one folder per target (each a DVC output of its own).
 ORT_FP32 = "onnxruntime/fp32.onnx"
 ORT_INT8 = "onnxruntime/int8.onnx"
 TRT_DIR = "tensorrt"
 PREDICTIONS_FILE = "predictions.csv"
-
-
-class StageInputError(ValueError):
-    """A stage's inputs are missing or do not fit together; the message says which and what to run."""
 
 
 # ---------------------------------------------------------------------------------------------------- validate
@@ -379,15 +372,3 @@ def register(params: Params, model_dir: Path | None = None, flow_run_id: str = "
     from flows.kpis import run_register
 
     return run_register(params, model_folder(model_dir, params), flow_run_id)
-
-
-def fits_in_memory(rows: Any) -> bool:
-    """Whether the decoded RGB images stay under `_CACHE_BYTES` (manifest sizes; a guess without them)."""
-    if {"width", "height"} <= set(rows.columns):
-        return float((rows["width"].astype(float) * rows["height"].astype(float) * 3).sum()) <= _CACHE_BYTES
-    return len(rows) <= 20_000
-
-
-def write_json(path: Path, data: dict[str, Any]) -> Path:
-    """Write a JSON file atomically."""
-    return atomic_write_json(path, data)

@@ -12,10 +12,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common.files import atomic_write_json
 from flows.config import Params
 from flows.recipe import Recipe, load_rows, same_named
 
 log = logging.getLogger(__name__)
+
+# Small fine-tuning sets are decoded once and kept in memory; larger ones are decoded every epoch.
+_CACHE_BYTES = 4 * 2**30
+
+
+def fits_in_memory(rows: Any) -> bool:
+    """Whether the decoded RGB images stay under `_CACHE_BYTES` (manifest sizes; a guess without them)."""
+    if {"width", "height"} <= set(rows.columns):
+        return float((rows["width"].astype(float) * rows["height"].astype(float) * 3).sum()) <= _CACHE_BYTES
+    return len(rows) <= 20_000
 
 
 def resolve_source(source: str, work: Path) -> str:
@@ -62,7 +73,7 @@ def run_training(
     import torch
 
     from flows import tracking
-    from flows.stages import TrainResult, fits_in_memory, write_json
+    from flows.stages import TrainResult
     from vit.data import AugmentParams, class_names, create_dataset, resolve_meta
     from vit.distributed import close_distributed, init_distributed
     from vit.sources import create_model
@@ -160,7 +171,7 @@ def run_training(
             model_dir = save_bundle(model.cpu(), meta, out_dir / "model")
             summary = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, **result.best}
             summary.update(train_seconds=seconds, train_device_hours=device_hours, world_size=dist.world_size)
-            write_json(out_dir / "train_metrics.json", summary)
+            atomic_write_json(out_dir / "train_metrics.json", summary)
             return model_dir
 
         if not track:
