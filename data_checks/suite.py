@@ -113,18 +113,23 @@ def build_classes_suite(rules: GateRules) -> tuple[Any, Any]:
     return usable, classes
 
 
-def build_drift_suite(reference: pd.DataFrame, current: pd.DataFrame, rules: GateRules) -> Any:
-    """KL-divergence expectations (severity warning) from the reference manifest's usable rows."""
+def build_drift_suite(reference: pd.DataFrame, current: pd.DataFrame, rules: GateRules, labels: bool = True) -> Any:
+    """KL-divergence expectations (severity warning) from the reference manifest's usable rows.
+
+    Args:
+        labels: include the label distribution; a pilot batch leaves it out, since part of it is unlabelled.
+    """
     import great_expectations as gx
 
     ex = gx.expectations
     suite = gx.ExpectationSuite(name="drift")
     kl = {"threshold": rules.drift_kl_threshold, "severity": "warning"}
-    suite.add_expectation(
-        ex.ExpectColumnKLDivergenceToBeLessThan(
-            column="label", partition_object=_label_partition(reference, current), **kl
+    if labels:
+        suite.add_expectation(
+            ex.ExpectColumnKLDivergenceToBeLessThan(
+                column="label", partition_object=_label_partition(reference, current), **kl
+            )
         )
-    )
     for column in STAT_COLUMNS:
         partition = _numeric_partition(reference[column].dropna(), current[column].dropna())
         if partition is not None:

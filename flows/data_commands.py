@@ -1,6 +1,8 @@
 """`vitops` commands of the data stage: sample data, DVC-versioned import, data versions, and the validation gate.
 
 vitops data sample OUT [--size N]           write the handwritten-digits sample as an ImageFolder
+vitops data sample-batch OUT [--labelled-share 0.5]
+                                            write the quickstart's pilot batch: new images from the line
 vitops data import SRC [--remote URL] [--no-push] [--no-git-commit]
                                             copy an ImageFolder into data.raw_dir as a new DVC data version
 vitops data version                         print the current data version (the tracked folder's hash)
@@ -23,11 +25,12 @@ from flows.config import Params
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Error classes of this group that are user mistakes (imported only when an error is being reported)."""
+    from data_checks.batch import BatchError
     from data_checks.manifest import LayoutError
     from data_checks.sample import SampleError
     from flows.versioning import VersioningError
 
-    return (LayoutError, SampleError, VersioningError)
+    return (BatchError, LayoutError, SampleError, VersioningError)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,6 +43,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, default=None, help="number of images (default: all 1797)")
     p.add_argument("--img-size", type=int, default=32, help="side of the PNGs in pixels (default: 32)")
     p.set_defaults(handler=cmd_sample)
+
+    p = data_sub.add_parser(
+        "sample-batch", help="write a pilot batch: held-out digits with a slight shift, part of them labelled"
+    )
+    p.add_argument("out", type=Path, help="folder to write (empty, new, or an earlier batch)")
+    p.add_argument("--labelled-share", type=float, default=0.5, help="share of images in class folders (default: 0.5)")
+    p.add_argument("--img-size", type=int, default=32, help="side of the PNGs in pixels; the sample's (default: 32)")
+    p.set_defaults(handler=cmd_sample_batch)
 
     p = data_sub.add_parser("import", help="copy an ImageFolder into data.raw_dir, dvc add, push, git commit")
     p.add_argument("src", type=Path, help="SRC/<label>/... or SRC/{train,val,test}/<label>/...; never modified")
@@ -74,6 +85,23 @@ def cmd_sample(args: argparse.Namespace, params: Params) -> int:
     written = write_sample(args.out, size=args.size, img_size=args.img_size)
     labels = {p.parent.name for p in written}
     print(f"wrote {len(written)} images in {len(labels)} classes to {args.out}")
+    return 0
+
+
+def cmd_sample_batch(args: argparse.Namespace, params: Params) -> int:
+    """Write the line batch, its bases held out of the sample's train split as params.yaml splits it."""
+    from data_checks.batch import UNLABELLED
+    from data_checks.sample import write_line_batch
+
+    written = write_line_batch(
+        args.out, img_size=args.img_size, labelled_share=args.labelled_share, fractions=params.data.split.model_dump()
+    )
+    unlabelled = sum(p.parent.name == UNLABELLED for p in written)
+    labels = {p.parent.name for p in written} - {UNLABELLED}
+    print(
+        f"wrote {len(written)} images to {args.out}: {len(written) - unlabelled} labelled in {len(labels)} class "
+        f"folders, {unlabelled} in {UNLABELLED}/"
+    )
     return 0
 
 
