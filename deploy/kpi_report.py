@@ -160,7 +160,8 @@ def _markdown(
     return "\n".join(lines) + "\n"
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
@@ -169,7 +170,8 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, out: Path) -> Path:
+def save_figure(fig: Any, out: Path) -> Path:
+    """Write a figure as PNG atomically, then close it."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
@@ -182,7 +184,7 @@ def _save(fig: Any, out: Path) -> Path:
 
 
 def _plot_accuracy(models: list[ModelKpis], uplift: Uplift | None, checks: list[Check], out: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4))
     top1 = [m.top1 * 100 for m in models]
     bars = left.bar([m.label for m in models], top1, color=_COLOURS[: len(models)])
@@ -206,11 +208,11 @@ def _plot_accuracy(models: list[ModelKpis], uplift: Uplift | None, checks: list[
         right.set_ylabel("uplift (percentage points)")
         right.set_title(f"uplift, McNemar p={uplift.p_value:.2g}")
         right.legend(loc="upper right")
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def _plot_latency(models: list[ModelKpis], checks: list[Check], out: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
     samples = [np.asarray(m.latency.samples_ms, dtype=float) for m in models]
     drawn = [s for s in samples if s.size]
@@ -229,11 +231,11 @@ def _plot_latency(models: list[ModelKpis], checks: list[Check], out: Path) -> Pa
     ax.set_ylabel("calls")
     ax.set_title("batch-1 latency on the target engine (dotted: p50, p99)")
     ax.legend(loc="best", fontsize="small")
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def _plot_cost(models: list[ModelKpis], checks: list[Check], out: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     labels = [m.label for m in models]
     bottom = np.zeros(len(models))
@@ -255,4 +257,4 @@ def _plot_cost(models: list[ModelKpis], checks: list[Check], out: Path) -> Path:
     ax.set_ylabel(f"{currency} per month")
     ax.set_title(f"monthly total cost of ownership ({currency})")
     ax.legend(loc="best", fontsize="small")
-    return _save(fig, out)
+    return save_figure(fig, out)

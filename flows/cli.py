@@ -4,7 +4,7 @@ Run `vitops --help`. Every command reads `params.yaml` (or `--params FILE`); the
 override single values from it. Each command group lives in its own module and registers itself here:
 `data_commands` (sample, import, validate), `train_commands` (pretrain-standin, train, evaluate),
 `engine_commands` (export, build, bench), `registry_commands` (gate, register, promote, rollback, history,
-lineage) and `flow_commands` (retrain, serve).
+lineage), `flow_commands` (retrain, serve) and `pilot_commands` (pilot, approve).
 
 Exit codes, the same for every command: 0 ok; 1 a gate said no (data gate, parity gate, KPI gate); 2 a usage
 or configuration error, with one message; 3 a crash, with its traceback. `-v` adds debug logging and the
@@ -19,10 +19,10 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from flows import data_commands, engine_commands, flow_commands, registry_commands, train_commands
+from flows import data_commands, engine_commands, flow_commands, pilot_commands, registry_commands, train_commands
 from flows.config import DEFAULT_PARAMS, ParamsError, load_params
 
-_GROUPS = (data_commands, train_commands, engine_commands, registry_commands, flow_commands)
+_GROUPS = (data_commands, train_commands, engine_commands, registry_commands, flow_commands, pilot_commands)
 
 EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_CRASH = 0, 1, 2, 3
 

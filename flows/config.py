@@ -273,6 +273,24 @@ class RetrainParams(_Section):
     )
 
 
+class PilotParams(_Section):
+    """The staged pilot (flows/pilot.py): the batch, the canary's split and guardrails, the approval wait."""
+
+    batch: Path = Field(Path("build/line-batch"), description="folder of new images: unlabelled or in class folders")
+    out_dir: Path = Path("artifacts/pilot")
+    canary_fraction: float = Field(0.3, gt=0.0, le=1.0, description="share of the batch routed to the candidate")
+    max_accuracy_drop_points: float = Field(
+        2.0, ge=0.0, description="candidate top-1 on its labelled canary images may trail the champion's by this"
+    )
+    max_p95_ms: float | None = Field(50.0, gt=0.0, description="candidate batch-1 p95 on its engine; None = off")
+    min_labelled: int = Field(20, ge=1, description="labelled canary images the candidate needs for a verdict")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="level of the accuracy intervals")
+    max_rejected_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of batch files the gate may reject")
+    grid_images: int = Field(16, ge=0, description="disagreements shown in the report's picture grid")
+    approval_timeout_s: int = Field(86_400, ge=1, description="how long `promote` waits for an approval")
+    approval_poll_s: int = Field(10, ge=1, description="how often the paused run checks for the approval")
+
+
 class TrackingParams(_Section):
     """MLflow; `MLFLOW_TRACKING_URI` in the environment wins over `uri`."""
 
@@ -296,6 +314,7 @@ class Params(_Section):
     tracking: TrackingParams = Field(default_factory=TrackingParams)
     gate: GateParams = Field(default_factory=GateParams)
     retrain: RetrainParams = Field(default_factory=RetrainParams)
+    pilot: PilotParams = Field(default_factory=PilotParams)
     cost: CostParams | None = Field(None, description="prices for the cost KPI; the gate needs them")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())

@@ -4,8 +4,8 @@ vitops retrain [--model NAME] [--data DIR] [--force] [--nproc-per-node N]
         run the retrain flow once, in this process (Prefect's ephemeral API unless PREFECT_API_URL is set);
         prints the KPI table, the registry decision and where to look; exit 1 when a gate said no
 vitops serve
-        serve the deployments (retrain/nightly on retrain.cron, retrain/on-demand) from this process; needs a
-        Prefect server (PREFECT_API_URL) for the schedule to fire
+        serve the deployments (retrain/nightly on retrain.cron, retrain/on-demand, pilot/staged) from this
+        process; needs a Prefect server (PREFECT_API_URL) for the schedule to fire
 """
 
 from __future__ import annotations
@@ -34,11 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nproc-per-node", type=int, help="GPUs for the fine-tune (torchrun when > 1)")
     p.set_defaults(handler=cmd_retrain)
 
-    p = sub.add_parser("serve", help="serve the retrain deployments (schedule included) from this process")
+    p = sub.add_parser("serve", help="serve the retrain and pilot deployments (schedule included) from this process")
     p.set_defaults(handler=cmd_serve)
 
 
-def _quiet_prefect(verbose: bool) -> None:
+def quiet_prefect(verbose: bool) -> None:
+    """Prefect at WARNING unless -v, and a start-up timeout the first ephemeral API start here needs."""
     # Prefect logs every task's state change at INFO; the command prints its own summary.
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -48,7 +49,7 @@ def _quiet_prefect(verbose: bool) -> None:
 
 def cmd_retrain(args: argparse.Namespace, params: Params) -> int:
     """Run the retrain flow and print what a user looks at."""
-    _quiet_prefect(args.verbose)
+    quiet_prefect(args.verbose)
     from flows.retrain import DATA_GATE_FAILED, KPI_GATE_FAILED, SKIPPED, retrain
 
     params_file = str(args.params or DEFAULT_PARAMS)
@@ -95,6 +96,7 @@ def cmd_serve(args: argparse.Namespace, params: Params) -> int:
     """Serve the deployments from this process until interrupted."""
     from prefect import serve
 
+    from flows.pilot import pilot
     from flows.retrain import retrain
 
     if not os.environ.get("PREFECT_API_URL"):
@@ -115,5 +117,10 @@ def cmd_serve(args: argparse.Namespace, params: Params) -> int:
             description="retrain on the current data version every night",
         ),
         retrain.to_deployment(name="on-demand", parameters={"params_file": params_file}, concurrency_limit=1),
+        pilot.to_deployment(
+            name="staged",
+            parameters={"params_file": params_file},
+            description="one stage of a staged pilot: --param stage='\"shadow\"' (canary, promote, rollback)",
+        ),
     )
     return 0

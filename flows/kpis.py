@@ -420,6 +420,10 @@ def run_register(params: Params, model_dir: Path, flow_run_id: str) -> RegisterR
             run.log_artifact(report, artifact_path="data")
             tags["validation.report"] = f"runs:/{run.run_id}/data/{report.name}"
             tags["validation.summary"] = _validation_summary(report)
+        manifest = Path(params.validate_.manifest)
+        if manifest.is_file():  # the training data's manifest: the pilot's drift reference on any machine
+            run.log_artifact(manifest, artifact_path="data")
+            tags["validation.manifest"] = f"runs:/{run.run_id}/data/{manifest.name}"
         version = registry.register_version(
             name,
             run.run_id,

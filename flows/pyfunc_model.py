@@ -102,6 +102,11 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             frame[f"prob_{name}"] = probs[:, i]
         return frame
 
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """The engine's logits of a `preprocess`ed float32 `N, 3, H, W` batch: what `predict` runs after decoding,
+        for timing the engine alone (the pilot's latency)."""
+        return self._run(batch)
+
     def preprocess(self, img: Image.Image) -> np.ndarray:
         """timm's eval transform on one RGB image: float32 `3, img_size, img_size`."""
         size = int(self.meta["img_size"])

@@ -274,6 +274,33 @@ def version_info(name: str, ref: str) -> VersionInfo:
     )
 
 
+def aliases(name: str) -> dict[str, str]:
+    """Alias -> version of a registered model, as the registry has them now."""
+    _check_name(name)
+    return {k: str(v) for k, v in (_model(_client(), name).aliases or {}).items()}
+
+
+def set_version_tags(name: str, version: str, tags: dict[str, Any]) -> dict[str, str]:
+    """Set tags on a registered version (the pilot's records, an approval) and read them back from the server.
+
+    Returns:
+        All of the version's tags as the registry now has them, so a caller can check what landed.
+    """
+    _check_name(name)
+    version = _version_number(version)
+    client = _client()
+    _model_version(client, name, version)
+    with _server(f"tagging version {version} of {name}"):
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, _tag_value(value))
+    return dict(_model_version(client, name, version).tags)
+
+
+def _tag_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value) if isinstance(value, dict | list) else str(value)
+    return text if len(text) <= 5000 else text[:4990] + " [...]"  # MLflow's tag value limit
+
+
 def lineage(name: str, ref: str) -> dict[str, Any]:
     """Where a version came from and where it went, as data for the CLI to format.
 

@@ -55,10 +55,10 @@ def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-_TRANSIENT = {"retries": TRANSIENT_RETRIES, "retry_delay_seconds": 5, "retry_condition_fn": _retry_transient}
+TRANSIENT = {"retries": TRANSIENT_RETRIES, "retry_delay_seconds": 5, "retry_condition_fn": _retry_transient}
 
 
-@task(cache_policy=NO_CACHE, **_TRANSIENT)
+@task(cache_policy=NO_CACHE, **TRANSIENT)
 def data_version_task(params: Params) -> str:
     """The DVC data version of the training data, pulled from the remote when it is not here."""
     from flows.versioning import data_version, pull_data
@@ -75,7 +75,7 @@ def validate_task(params: Params) -> stages.ValidateResult:
     return stages.validate(params)
 
 
-@task(cache_policy=NO_CACHE, **_TRANSIENT)
+@task(cache_policy=NO_CACHE, **TRANSIENT)
 def train_task(params: Params, baseline: bool, nproc_per_node: int, params_file: str) -> Any:
     """Fine-tune the ViT (or train the CNN baseline); several GPUs through torchrun when asked."""
     if nproc_per_node <= 1 or baseline:
@@ -85,7 +85,7 @@ def train_task(params: Params, baseline: bool, nproc_per_node: int, params_file:
     return Path(params.train.out_dir) / "model"
 
 
-@task(cache_policy=NO_CACHE, **_TRANSIENT)
+@task(cache_policy=NO_CACHE, **TRANSIENT)
 def evaluate_task(params: Params, baseline: bool) -> stages.EvaluateResult:
     """Evaluate on the held-out test split."""
     return stages.evaluate(params, baseline=baseline)
@@ -97,19 +97,19 @@ def build_task(params: Params) -> stages.BuildResult:
     return stages.build(params)
 
 
-@task(cache_policy=NO_CACHE, **_TRANSIENT)
+@task(cache_policy=NO_CACHE, **TRANSIENT)
 def bench_task(params: Params) -> stages.BenchOutcome:
     """Batch-1 latency and throughput of every engine."""
     return stages.bench(params, track=True)
 
 
-@task(cache_policy=NO_CACHE, **_TRANSIENT)
+@task(cache_policy=NO_CACHE, **TRANSIENT)
 def gate_task(params: Params) -> Any:
     """The three-KPI gate against the champion or the baseline."""
     return stages.gate(params)
 
 
-@task(cache_policy=NO_CACHE, **_TRANSIENT)
+@task(cache_policy=NO_CACHE, **TRANSIENT)
 def register_task(params: Params, flow_run_id: str) -> Any:
     """Register the candidate; `candidate` points at it only when its gate passed."""
     return stages.register(params, flow_run_id=flow_run_id)

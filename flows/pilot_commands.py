@@ -1,0 +1,88 @@
+"""`vitops` commands of the staged pilot.
+
+vitops pilot STAGE [--model NAME] [--version candidate|N] [--batch DIR] [--skip shadow,canary] [--reason TEXT]
+        run one stage of the pilot flow in this process (shadow, canary, promote, rollback); prints what it
+        recorded; exit 1 when the stage said no (batch rejected, guardrail breach, refused, rejected, timed out)
+vitops approve FLOW_RUN_ID --approver NAME [--reject] [--comment TEXT]
+        answer a paused `promote` run through the Prefect API (Prefect has no CLI verb for resuming a run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from flows.config import DEFAULT_PARAMS, Params
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Error classes of this group that are user mistakes (imported only when an error is being reported)."""
+    from data_checks.batch import BatchError
+    from flows.pilot_stages import PilotError
+
+    return (PilotError, BatchError)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add this group's subcommands to the `vitops` parser."""
+    p = sub.add_parser("pilot", help="run one stage of the staged pilot: shadow, canary, promote or rollback")
+    p.add_argument("stage", choices=["shadow", "canary", "promote", "rollback"])
+    p.add_argument("--model", help="registered model (default: tracking.registered_model)")
+    p.add_argument("--version", default="candidate", help="the candidate: candidate, pilot or a version number")
+    p.add_argument("--batch", help="folder of new images (default: pilot.batch)")
+    p.add_argument("--skip", default="", help="promote: comma-separated requirements skipped (gate,shadow,canary)")
+    p.add_argument("--reason", default="", help="why (a skip or a rollback); recorded")
+    p.set_defaults(handler=cmd_pilot)
+
+    p = sub.add_parser("approve", help="approve (or --reject) a paused promote run, with your name")
+    p.add_argument("flow_run_id", help="the paused run's id (its log and the Prefect UI show it)")
+    p.add_argument("--approver", required=True, help="your name, recorded with the version")
+    p.add_argument("--reject", action="store_true", help="reject: nothing is moved")
+    p.add_argument("--comment", default="", help="recorded with the decision")
+    p.set_defaults(handler=cmd_approve)
+
+
+def cmd_pilot(args: argparse.Namespace, params: Params) -> int:
+    """Run one pilot stage and print its outcome and report."""
+    from prefect.exceptions import FailedRun
+
+    from flows.flow_commands import quiet_prefect
+    from flows.pilot import BREACH, INCONCLUSIVE, pilot
+
+    quiet_prefect(args.verbose)
+    skip = [s.strip() for s in args.skip.split(",") if s.strip()]
+    state = pilot(
+        stage=args.stage,
+        model_name=args.model,
+        version=args.version,
+        batch=args.batch,
+        params_file=str(args.params or DEFAULT_PARAMS),
+        skip=skip,
+        reason=args.reason,
+        return_state=True,
+    )
+    outcome = state.result(raise_on_failure=False)
+    if isinstance(outcome, BaseException) and not isinstance(outcome, FailedRun):
+        raise outcome  # a crash, which `vitops` reports with its exit code; a stage that said no is FailedRun
+    print(f"pilot {args.stage} {state.name}: {state.message}")
+    report = Path(params.pilot.out_dir) / args.stage / "report.md"
+    summary = Path(params.pilot.out_dir) / args.stage / "summary.json"
+    scored = state.is_completed() or state.name in (BREACH, INCONCLUSIVE)
+    if args.stage in ("shadow", "canary") and scored and summary.is_file():
+        data = json.loads(summary.read_text(encoding="utf-8"))
+        for role, m in data.get("measures", {}).items():
+            p50 = "-" if m["p50_ms"] is None else f"{m['p50_ms']:.2f}"
+            p95 = "-" if m["p95_ms"] is None else f"{m['p95_ms']:.2f}"
+            print(f"  {role:9} v{m['version']:<3} {m['engine']:18} {m['images']:4d} images  top-1 "
+                  f"{m['accuracy_text']}  p50 {p50} ms  p95 {p95} ms")  # fmt: skip
+        print(f"  report {report}")
+    return 0 if state.is_completed() else 1
+
+
+def cmd_approve(args: argparse.Namespace, params: Params) -> int:
+    """Resume a paused promote run with the decision."""
+    from flows.pilot import approve
+
+    print(approve(args.flow_run_id, args.approver, reject=args.reject, comment=args.comment))
+    return 0
