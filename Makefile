@@ -13,6 +13,8 @@ export HF_HUB_DISABLE_TELEMETRY ?= 1
 export GX_ANALYTICS_ENABLED ?= false
 
 SAMPLE_DIR ?= build/sample-digits
+# the pilot's batch of "new images from the line" (params.yaml pilot.batch)
+LINE_BATCH ?= build/line-batch
 
 .PHONY: help setup run repro test lint format bench-flow bench-validate bench-train bench-latency clean
 
@@ -27,9 +29,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP) ## create .venv and install vitops with its pinned dependencies
 
-run: $(STAMP) ## the main job on embedded defaults: sample data -> DVC data version -> the retrain flow
+run: $(STAMP) ## the main job on embedded defaults: sample data -> DVC data version (+ the pilot batch) -> the retrain flow
 	$(BIN)/vitops data sample $(SAMPLE_DIR)
 	$(BIN)/vitops data import $(SAMPLE_DIR)
+	$(BIN)/vitops data sample-batch $(LINE_BATCH)
 	$(BIN)/vitops retrain
 
 repro: $(STAMP) ## the same stages through DVC (`dvc repro`; a second run does nothing)

@@ -14,6 +14,7 @@ Nothing is moved or deleted; the report only lists.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -133,6 +134,10 @@ class _Runner:
     def __init__(self, docs_dir: Path | None) -> None:
         import great_expectations as gx
         from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        # GX sets this module's logger to INFO when it is imported, which prints a line for every ephemeral
+        # context ("Created temporary directory ... for ephemeral docs site"); NOTSET: the level of its parents.
+        logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.NOTSET)
 
         self._gx = gx
         self._context = gx.get_context(mode="ephemeral")

@@ -194,9 +194,6 @@ def test_canary_guardrail_breach_removes_pilot_and_leaves_the_champion(pilot_env
     assert "Guardrail breach" in breach.stdout and "over the limit of 2" in breach.stdout
     assert _aliases(e)["champion"] == v1
     assert _tags(e, v3)["pilot.canary.outcome"] == "breach"
-    refused = _pilot(e, "promote", "--version", v3, "--skip", "shadow", "--reason", "try anyway")
-    assert refused.returncode == 1 and "canary breach" in refused.stdout  # a breach cannot be promoted
-    assert _aliases(e)["champion"] == v1
 
 
 def test_promote_refuses_a_version_without_a_shadow_record(pilot_env: dict[str, Any]) -> None:
@@ -251,8 +248,6 @@ def test_promote_rejected_then_timed_out_then_approved_then_rolled_back(pilot_en
     assert again.returncode == 2 and "not paused" in again.stderr
 
     # rollback: the champion before comes back, recorded
-    no_reason = _pilot(e, "rollback")
-    assert no_reason.returncode == 1 and "needs a reason" in no_reason.stdout
     back = _pilot(e, "rollback", "--reason", "line 3 reports misreads")
     assert back.returncode == 0, back.stdout + back.stderr
     assert _aliases(e)["champion"] == v1

@@ -107,3 +107,21 @@ def test_deployment_run_retrains_and_two_at_once_queue_up(served: dict, mlflow_s
     ) as resp:
         keys = {a["key"] for a in json.loads(resp.read())}
     assert {f"{MODEL}-kpi-table", f"{MODEL}-gate-decision", f"{MODEL}-mlflow-run"} <= keys
+
+
+def test_pilot_stage_through_its_deployment(served: dict, mlflow_server: str, tmp_path) -> None:
+    """`prefect deployment run 'pilot/staged'` with JSON string parameters: the candidate the retrain registered
+    goes into its shadow pilot (no champion yet) and gets `pilot`."""
+    from data_checks.sample import write_line_batch
+
+    env = served["env"]
+    write_line_batch(tmp_path / "line")
+    missing = _prefect(env, "deployment", "run", "pilot/staged")
+    assert missing.returncode != 0  # `stage` has no default
+    out = _prefect(env, "deployment", "run", "pilot/staged", "--param", 'stage="shadow"',
+                   "--param", f'batch="{tmp_path / "line"}"')  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    run = _wait_final(env, out.stdout.split("UUID: ")[1].split()[0])
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    assert "no champion" in run["state"]["message"]
+    assert MlflowClient(mlflow_server).get_registered_model(MODEL).aliases == {"candidate": "1", "pilot": "1"}
