@@ -104,7 +104,7 @@ def check_batch(
     Returns:
         The report (see `validate_batch`), without the paths.
     """
-    from data_checks.gate import _entry, _file_reason, _Runner, _unexpected_paths
+    from data_checks.gate import _entry, _file_reason, _Runner, _unexpected_paths, format_kl
     from data_checks.suite import add_check_columns, build_drift_suite, build_files_suite
 
     if not rules.classes:
@@ -141,7 +141,8 @@ def check_batch(
                 results.append(entry)
                 if not entry["success"] and not isinstance(entry["observed"], dict):
                     warnings.append(
-                        f"drift in {entry['column']}: KL divergence {entry['observed']} against the training "
+                        f"drift in {entry['column']}: KL divergence {format_kl(entry['observed'])}"
+                        f" against the training "
                         f"data is over validate.drift_kl_threshold={rules.drift_kl_threshold}: the batch's images "
                         "differ from the training data (camera, lighting, source); judge the models on its labelled "
                         "part, and retrain with such images if they are the new normal"

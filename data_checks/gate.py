@@ -100,7 +100,8 @@ def run_gate(
                 results.append(entry)
                 if not entry["success"] and not isinstance(entry["observed"], dict):
                     warnings.append(
-                        f"drift in {entry['column']}: KL divergence {entry['observed']} against the reference "
+                        f"drift in {entry['column']}: KL divergence {format_kl(entry['observed'])}"
+                        f" against the reference "
                         f"is over validate.drift_kl_threshold={rules.drift_kl_threshold}; check the new images "
                         "come from the same source, or make this version the new reference"
                     )
@@ -283,6 +284,11 @@ def _classes_failure(column: str, table: pd.DataFrame, rules: GateRules) -> str:
         f"'{low['label']}' {low['images']}) is over validate.max_imbalance_ratio={rules.max_imbalance_ratio}: "
         "add images to the small classes or raise the ratio"
     )
+
+
+def format_kl(value: Any) -> str:
+    """A KL divergence for a warning: three significant digits (GX reports non-finite values as strings)."""
+    return f"{value:.3g}" if isinstance(value, int | float) else str(value)
 
 
 def _duplicate_warnings(usable: pd.DataFrame) -> list[str]:

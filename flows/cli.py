@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -71,6 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.getLogger(package).setLevel(logging.INFO)
         for chatty in ("mlflow", "great_expectations", "alembic"):  # they attach INFO handlers of their own
             logging.getLogger(chatty).setLevel(logging.WARNING)
+        # MLflow sets its loggers' level again when it is imported (database migrations, new experiments):
+        # from this variable, which the flow runs `vitops serve` starts inherit too.
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     try:
         params = load_params(args.params or DEFAULT_PARAMS, must_exist=args.params is not None)
         return int(args.handler(args, params) or 0)

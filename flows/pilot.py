@@ -107,6 +107,9 @@ def pilot(
     if stage == ps.ROLLBACK:
         return _rollback(params, reason, run_id)
     versions = versions_task(params, version)
+    if versions.champion == versions.candidate:
+        return Failed(name=REFUSED, message=f"version {versions.candidate} of {versions.name} is the champion already: "
+                      "nothing to pilot; name the candidate with version=...")  # fmt: skip
     if stage == ps.PROMOTE:
         return _promote(params, versions, list(skip or []), reason, run_id)
     out = Path(params.pilot.out_dir) / stage
@@ -198,8 +201,6 @@ def _promote(params: Params, versions: ps.Versions, skip: list[str], reason: str
 
     logger = get_run_logger()
     name, cand = versions.name, versions.candidate
-    if versions.champion == cand:
-        return Failed(name=REFUSED, message=f"version {cand} of {name} is already the champion")
     try:
         required = ps.promotion_checks(registry.version_info(name, cand).tags, skip, reason)
     except ps.PilotError as err:

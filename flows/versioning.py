@@ -204,7 +204,7 @@ def import_images(
     raw_real = raw_dir.resolve()
     for rel in plan.copy:
         _copy_file(Path(src).resolve() / rel, raw_real / rel)
-    log.info("copied %d new file(s), %d already present", len(plan.copy), len(plan.identical))
+    log.debug("copied %d new file(s), %d already present", len(plan.copy), len(plan.identical))
     target = raw_real.relative_to(root)
     _dvc(root, "add", "--quiet", target.as_posix())
     version = data_version(raw_real)

@@ -202,6 +202,8 @@ def test_promote_refuses_a_version_without_a_shadow_record(pilot_env: dict[str, 
     with _at(e["server"]):
         fresh = register(e["name"], build_release(e["project"] / "fresh", seed=0))
     moves = len(_history(e, "champion"))
+    itself = _pilot(e, "shadow", "--version", v1)
+    assert itself.returncode == 1 and "the champion already" in itself.stdout  # no pilot of the champion
     refused = _pilot(e, "promote", "--version", fresh)
     assert refused.returncode == 1 and "Refused" in refused.stdout and "no shadow record" in refused.stdout
     assert _aliases(e)["champion"] == v1 and len(_history(e, "champion")) == moves
