@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 
 # Offline-safe defaults: without them libraries wait on hosts this machine cannot reach.
 export MLFLOW_DISABLE_TELEMETRY ?= true
+# DO_NOT_TRACK also turns off OpenVINO's and NNCF's telemetry in vitops (deploy/openvino.py): they read no
+# variable of their own, so vitops hides their telemetry module; `opt_in_out --opt_out` does it for all tools.
 export DO_NOT_TRACK ?= true
 export DVC_NO_ANALYTICS ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
@@ -16,7 +18,7 @@ SAMPLE_DIR ?= build/sample-digits
 # the pilot's batch of "new images from the line" (params.yaml pilot.batch)
 LINE_BATCH ?= build/line-batch
 
-.PHONY: help setup run repro test lint format bench-flow bench-validate bench-train bench-latency clean
+.PHONY: help setup run repro test lint format bench-flow bench-validate bench-train bench-latency bench-gpu clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -59,8 +61,11 @@ bench-train: $(STAMP) ## training images/s against timm's train.py (TIMM_REPO=pa
 bench-flow: $(STAMP) ## the retrain flow's orchestration and tracking overhead against the stages called directly
 	$(BIN)/python bench/flow_overhead.py
 
-bench-latency: $(STAMP) ## ONNX Runtime FP32/INT8 against torch eager, quickstart ViT and ViT-S/16
+bench-latency: $(STAMP) ## ONNX Runtime and OpenVINO engines against torch eager, quickstart ViT and ViT-S/16
 	$(BIN)/python bench/latency_targets.py
+
+bench-gpu: ## every CUDA check in one go on a GPU machine (bench/gpu.sh OUT_DIR; DRY_RUN=1 lists them)
+	bash bench/gpu.sh $(if $(DRY_RUN),--dry-run) build/gpu-bench
 
 clean: ## remove build outputs (keeps .venv, data and the DVC cache)
 	rm -rf build artifacts .pytest_cache .ruff_cache

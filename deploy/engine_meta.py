@@ -29,11 +29,12 @@ class EngineMeta:
     """What an engine was built from and for.
 
     Attributes:
-        target: `tensorrt` or `onnxruntime`.
-        precision: `fp32`, `fp16`, `int8` (TensorRT) or `fp32`, `int8-static`, `int8-dynamic` (ONNX Runtime).
+        target: `tensorrt`, `onnxruntime` or `openvino`.
+        precision: `fp32`, `fp16`, `int8` (TensorRT), `fp32`, `int8-static`, `int8-dynamic` (ONNX Runtime) or
+            `fp32`, `bf16`, `int8` (OpenVINO).
         onnx_sha256: hash of the ONNX file the engine was built from.
         runtime_version: TensorRT or ONNX Runtime version that built it.
-        device: GPU name (TensorRT) or CPU model name (ONNX Runtime).
+        device: GPU name (TensorRT) or CPU model name (ONNX Runtime, OpenVINO).
         compute_capability: `major.minor` of the GPU; empty for CPU engines.
         profile: optimization profile batch sizes `{"min": .., "opt": .., "max": ..}` (TensorRT).
         vitops_version: version of this package that built it.
@@ -93,12 +94,15 @@ def check_compatible(meta: EngineMeta, runtime: EngineMeta, engine_path: Path | 
     """Refuse an engine whose build runtime differs from the runtime about to load it.
 
     For TensorRT the runtime version, GPU name and compute capability must all match (a plan file is not
-    portable across any of them). For ONNX Runtime only the target is checked: ORT files are portable
-    ONNX, optimised at the portable `extended` level.
+    portable across any of them). For OpenVINO the version, the CPU name and its ISA (AVX-512, AMX-BF16,
+    AMX-INT8, ...) must match: the precision and the kernels an engine was gated with depend on them. For
+    ONNX Runtime only the target is checked: ORT files are portable ONNX, optimised at the portable `extended`
+    level.
 
     Args:
         meta: metadata read beside the engine.
-        runtime: the same fields describing the runtime in use (see `deploy.tensorrt.runtime_meta`).
+        runtime: the same fields describing the runtime in use (`deploy.tensorrt.runtime_meta`,
+            `deploy.openvino.runtime_meta`).
         engine_path: named in the error.
 
     Raises:
@@ -106,6 +110,23 @@ def check_compatible(meta: EngineMeta, runtime: EngineMeta, engine_path: Path | 
     """
     if meta.target != runtime.target:
         raise EngineMismatchError(f"{engine_path}: built for {meta.target}, cannot load with {runtime.target}")
+    if meta.target == "openvino":
+        diffs = [
+            f"{label} {have!r} (engine) != {want!r} (this machine)"
+            for label, have, want in (
+                ("OpenVINO version", meta.runtime_version, runtime.runtime_version),
+                ("CPU", meta.device, runtime.device),
+                ("ISA", meta.extra.get("isa"), runtime.extra.get("isa")),
+            )
+            if have != want
+        ]
+        if diffs:
+            raise EngineMismatchError(
+                f"{engine_path}: OpenVINO engine does not match this machine: {'; '.join(diffs)}. Its kernels and "
+                "precision were chosen for that CPU and OpenVINO version: rebuild it here with "
+                "`vitops build --target openvino`."
+            )
+        return
     if meta.target != "tensorrt":
         return
     diffs = [

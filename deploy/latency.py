@@ -1,5 +1,5 @@
-"""Latency benchmark of one model on several backends: torch eager, ONNX Runtime FP32/INT8, and on GPU
-torch.compile and TensorRT FP16/INT8.
+"""Latency benchmark of one model on several backends: torch eager, ONNX Runtime FP32/INT8, OpenVINO
+FP32/BF16/INT8, and on GPU torch.compile and TensorRT FP16/INT8.
 
 Figures per backend: after warm-up, p50/p95/p99 latency at batch 1; throughput (images/s) at a large
 batch; peak memory (growth of the process RSS on CPU, `torch.cuda.max_memory_allocated` on GPU). The
@@ -152,7 +152,14 @@ class BenchGroup:
     backends: list[str]
 
 
-CPU_BACKENDS = ("torch-eager", "onnxruntime-fp32", "onnxruntime-int8")
+CPU_BACKENDS = (
+    "torch-eager",
+    "onnxruntime-fp32",
+    "onnxruntime-int8",
+    "openvino-fp32",
+    "openvino-bf16",
+    "openvino-int8",
+)
 CUDA_BACKENDS = ("torch-cuda", "torch-cuda-compile", "tensorrt-fp16", "tensorrt-int8")
 
 
@@ -160,7 +167,7 @@ def plan_bench(device: str, cuda_available: bool, built: set[str]) -> list[Bench
     """Which backends to time on which device: like with like.
 
     On a GPU machine torch on CUDA is the reference of the TensorRT engines, and torch on the CPU that of the
-    ONNX Runtime engines (which run on the CPU there too); `device` picks one side (`cpu`, `cuda`) or both
+    ONNX Runtime and OpenVINO engines (which run on the CPU there too); `device` picks one side (`cpu`, `cuda`) or both
     (`auto`, where CUDA is available).
 
     Args:
@@ -217,6 +224,14 @@ def ort_runner(path: Path, threads: int = 0) -> Runner:
     from deploy.onnxrt import session_runner
 
     return session_runner(path, threads)
+
+
+def ov_runner(path: Path, threads: int = 0) -> Runner:
+    """A runner for an OpenVINO CPU engine (checked against this CPU and OpenVINO version first); `threads` 0 =
+    the count tuned when the engine was built."""
+    from deploy.openvino import load_ov_engine
+
+    return load_ov_engine(path, threads)
 
 
 def trt_runner(path: Path) -> Runner:

@@ -38,7 +38,7 @@ from deploy.engine_meta import (
 log = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "fp16", "int8"]
-Target = Literal["auto", "onnxruntime", "tensorrt"]
+Target = Literal["auto", "onnxruntime", "openvino", "tensorrt"]
 
 # Layer types TensorRT's ONNX parser creates for LayerNormalization, Softmax and ReduceMean/ReduceSum.
 FP32_LAYER_TYPES = frozenset({"NORMALIZATION", "SOFTMAX", "REDUCE"})
@@ -99,26 +99,27 @@ def choose_target(requested: Target, available: bool, reason: str = "") -> tuple
     """Pick the engine target.
 
     Args:
-        requested: `auto`, `onnxruntime` or `tensorrt`.
+        requested: `auto`, `onnxruntime`, `openvino` or `tensorrt`.
         available: whether TensorRT can build here (see `tensorrt_status`).
         reason: why it cannot.
 
     Returns:
-        The target and a message for the user (empty when nothing to say).
+        The target (`cpu` for `auto` without TensorRT: every CPU engine, the fastest served) and a message for
+        the user (empty when nothing to say).
 
     Raises:
         TensorRTUnavailable: when `tensorrt` was asked for explicitly and cannot run.
     """
-    if requested == "onnxruntime":
-        return "onnxruntime", ""
+    if requested in ("onnxruntime", "openvino"):
+        return requested, ""
     if available:
         return "tensorrt", ""
     if requested == "tensorrt":
         raise TensorRTUnavailable(
             f"TensorRT was requested but cannot run here: {reason}. Build on an NVIDIA GPU machine with "
-            "`pip install 'vitops[tensorrt]'`, or use --target onnxruntime (or auto)."
+            "`pip install 'vitops[tensorrt]'`, or use --target onnxruntime, openvino (or auto)."
         )
-    return "onnxruntime", f"TensorRT skipped ({reason}); building the ONNX Runtime CPU engine instead"
+    return "cpu", f"TensorRT skipped ({reason}); building the CPU engines (ONNX Runtime, OpenVINO) instead"
 
 
 def choose_precision(requested: Precision, compute_capability: str) -> tuple[Precision, str]:

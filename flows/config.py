@@ -169,11 +169,13 @@ class ExportParams(_Section):
 
 
 class EngineParams(_Section):
-    """Engine builds per target: TensorRT on NVIDIA GPUs, ONNX Runtime on CPUs."""
+    """Engine builds per target: TensorRT on NVIDIA GPUs, ONNX Runtime and OpenVINO on CPUs."""
 
     out_dir: Path = Path("artifacts/engines")
-    target: Literal["auto", "onnxruntime", "tensorrt"] = Field(
-        "auto", description="auto = TensorRT when CUDA and tensorrt are present, else ONNX Runtime"
+    target: Literal["auto", "onnxruntime", "openvino", "tensorrt"] = Field(
+        "auto",
+        description="auto = TensorRT when CUDA and tensorrt are present, else every CPU engine this machine runs, "
+        "serving the fastest that agrees enough",
     )
     ort_threads: int = Field(
         0, ge=0, description="intra-op threads; 0 = tuned at build: the fastest of 1, 2, 4 ... physical cores"
@@ -185,7 +187,17 @@ class EngineParams(_Section):
         default_factory=list, description="parts left in float when that recovers agreement"
     )
     calibration_images: int = Field(256, ge=1)
-    min_int8_top1_agreement: float = Field(0.99, ge=0.0, le=1.0)
+    min_int8_top1_agreement: float = Field(0.99, ge=0.0, le=1.0, description="INT8 and BF16 engines' parity floor")
+    ov_precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
+        "auto", description="--target openvino: auto = every precision this CPU runs natively (BF16 only with it)"
+    )
+    ov_threads: int = Field(
+        0, ge=0, description="OpenVINO inference threads; 0 = tuned at build: the fastest of 1, 2, 4 ... cores"
+    )
+    select_min_top1_agreement: float | None = Field(
+        None, ge=0.0, le=1.0, description="auto serves the fastest engine with at least this; None = min_int8_..."
+    )
+    select_iters: int = Field(50, ge=1, description="batch-1 calls per engine and round when auto times them")
     trt_precision: Literal["fp16", "int8", "fp32"] = "fp16"
     trt_min_batch: int = Field(1, ge=1)
     trt_opt_batch: int = Field(8, ge=1)

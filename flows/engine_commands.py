@@ -1,8 +1,9 @@
 """`vitops` commands of the engine stage group: export, build, bench.
 
     vitops export [MODEL_DIR]      ONNX export + parity gate against PyTorch on the validation split
-    vitops build  [MODEL_DIR] [--target auto|onnxruntime|tensorrt]
-                                   engines for the target (exports first when the ONNX file is missing or stale)
+    vitops build  [MODEL_DIR] [--target auto|onnxruntime|openvino|tensorrt] [--precision fp32|bf16|int8|fp16]
+                                   engines for the target (exports first when the ONNX file is missing or stale);
+                                   auto on a CPU: every CPU engine, the fastest that agrees enough is served
     vitops bench  [MODEL_DIR]      latency table + JSON (params.bench.out), logged to MLflow with --track
 
 MODEL_DIR is a model folder (`model.json` + `weights.safetensors`), by default the one `vitops train`
@@ -22,6 +23,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Error classes of this group that are user mistakes (imported only when an error is being reported)."""
     from deploy.engine_meta import EngineMismatchError
     from deploy.export import ExportError
+    from deploy.openvino import OpenVINOUnavailable
     from deploy.parity import ParityError
     from deploy.tensorrt import TensorRTBuildError, TensorRTUnavailable
     from flows.engines import EngineInputError
@@ -34,6 +36,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         EngineMismatchError,
         TensorRTUnavailable,
         TensorRTBuildError,
+        OpenVINOUnavailable,
         EngineInputError,
         ValueError,  # e.g. bench --device cuda on a machine without CUDA (deploy.latency.plan_bench)
     )
@@ -47,10 +50,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], help="default: export.exporter")
     p.set_defaults(handler=cmd_export)
 
-    p = sub.add_parser("build", help="build inference engines: TensorRT on NVIDIA GPUs, ONNX Runtime on CPUs")
+    p = sub.add_parser(
+        "build", help="build inference engines: TensorRT on NVIDIA GPUs, ONNX Runtime and OpenVINO on CPUs"
+    )
     p.add_argument("model_dir", nargs="?", help="model folder (default: train.out_dir/model)")
-    p.add_argument("--target", choices=["auto", "onnxruntime", "tensorrt"], help="default: engine.target")
-    p.add_argument("--precision", choices=["fp16", "int8", "fp32"], help="TensorRT precision (engine.trt_precision)")
+    p.add_argument(
+        "--target",
+        choices=["auto", "onnxruntime", "openvino", "tensorrt"],
+        help="default: engine.target (auto: TensorRT with CUDA, else every CPU engine, the fastest served)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "int8", "fp16"],
+        help="OpenVINO: fp32|bf16|int8 (engine.ov_precision); TensorRT: fp16|int8|fp32 (engine.trt_precision)",
+    )
     p.add_argument(
         "--quantization", choices=["none", "static", "dynamic"], help="ONNX Runtime INT8 (engine.ort_quantization)"
     )
@@ -93,6 +106,16 @@ def cmd_build(args: argparse.Namespace, params: Params) -> int:
         print(f"wrote {onnx.path} ({onnx.exporter} exporter); parity: {_parity(onnx.parity)}")
     for path in result.engines:
         print(f"wrote {path}; parity: {_parity(result.parity[str(path)])}")
+    for backend, why in result.skipped.items():
+        print(f"vitops build: {backend} not built: {why}")
+    if result.selection:
+        sel = result.selection
+        for c in sel["candidates"]:
+            mark = "*" if c.get("chosen") else " "
+            extra = f"  ({c['passed_over']})" if c.get("passed_over") else ""
+            timing = f"p50 {c['p50_ms']:.3f} ms" if c.get("p50_ms") is not None else "not timed"
+            print(f"  {mark} {c['backend']:<18} {timing}  top-1 agreement {c['top1_agreement']:.2%}{extra}")
+        print(f"serving with {sel['chosen']}: {sel['reason']}")
     return 0
 
 

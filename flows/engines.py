@@ -76,14 +76,21 @@ def onnx_is_current(onnx_path: Path, model_dir: Path, params: Params) -> bool:
 def build_engines(
     params: Params, model_dir: Path, target: str | None, precision: str | None, quantization: str | None
 ) -> Any:
-    """Export when needed, then build the target's engines; returns a `flows.stages.BuildResult`."""
+    """Export when needed, then build the target's engines; returns a `flows.stages.BuildResult`.
+
+    `auto` on a machine without TensorRT builds every CPU engine this CPU runs (ONNX Runtime FP32/INT8,
+    OpenVINO FP32/BF16/INT8): one that fails its gate or cannot run here is left out and named, the others
+    are timed at batch 1 and the fastest that agrees enough is chosen (`selection.json`). An explicit target
+    builds its own engines and stops at the first gate that says no.
+    """
     from deploy.engine_meta import read_meta
     from deploy.tensorrt import choose_target, tensorrt_status
     from flows.stages import BuildResult, ExportResult
 
     requested = target or params.engine.target
-    available, reason = tensorrt_status() if requested != "onnxruntime" else (False, "")
+    available, reason = tensorrt_status() if requested in ("auto", "tensorrt") else (False, "")
     chosen, notice = choose_target(requested, available, reason)
+    _check_precision(chosen, precision)
     onnx_path = Path(params.export.out)
     if onnx_is_current(onnx_path, model_dir, params):
         meta = read_meta(onnx_path)
@@ -92,11 +99,206 @@ def build_engines(
         onnx = export_checked_model(params, model_dir, onnx_path)
     if chosen == "tensorrt":
         built = [_build_tensorrt(model_dir, onnx_path, params, precision or params.engine.trt_precision)]
-    else:
-        built = _build_onnxruntime(model_dir, onnx_path, params, quantization or params.engine.ort_quantization)
+        return BuildResult(
+            target=chosen, engines=[p for p, _ in built], parity={str(p): r for p, r in built}, onnx=onnx, notice=notice
+        )
+    built, skipped, image = _build_cpu(model_dir, onnx_path, params, chosen, precision, quantization or None)
+    selection = _select(params, onnx_path, built, skipped, image)
     return BuildResult(
-        target=chosen, engines=[p for p, _ in built], parity={str(p): r for p, r in built}, onnx=onnx, notice=notice
+        target=chosen,
+        engines=[p for _, p, _ in built],
+        parity={str(p): r for _, p, r in built},
+        onnx=onnx,
+        notice=notice,
+        skipped=skipped,
+        selection=selection,
     )
+
+
+def _check_precision(target: str, precision: str | None) -> None:
+    """`--precision` names a precision of the target's engines (fp16 is TensorRT's, bf16 OpenVINO's)."""
+    allowed = {"tensorrt": ("fp16", "int8", "fp32"), "openvino": ("fp32", "bf16", "int8")}.get(target)
+    if precision is None or target in ("onnxruntime", "cpu"):
+        if precision == "fp16":
+            raise ValueError("--precision fp16 is TensorRT's; CPU engines are fp32, bf16 (OpenVINO) or int8")
+        return
+    if allowed and precision not in allowed:
+        raise ValueError(f"--precision {precision} is not a {target} precision: use {', '.join(allowed)}")
+
+
+def _build_cpu(
+    model_dir: Path, onnx_path: Path, params: Params, target: str, precision: str | None, quantization: str | None
+) -> tuple[list[tuple[str, Path, dict]], dict[str, str], Any]:
+    """Build the CPU engines of `target` (`onnxruntime`, `openvino` or `cpu`: both); returns (backend, path,
+    parity) of each engine kept, for `cpu` why each other one was left out, and one parity image."""
+    from deploy.openvino import OpenVINOUnavailable
+    from deploy.parity import ParityError, torch_logits
+
+    model, parity, calibration = _gate_inputs(model_dir, params)
+    reference = torch_logits(model, parity)
+    jobs: list[tuple[str, Any]] = []
+    if target in ("onnxruntime", "cpu"):
+        mode = quantization or params.engine.ort_quantization
+        jobs += _ort_jobs(onnx_path, params, mode, parity, reference, calibration)
+    skipped: dict[str, str] = {}
+    if target in ("openvino", "cpu"):
+        try:
+            ov_jobs, ov_skipped = _ov_jobs(onnx_path, params, precision, parity, reference, calibration)
+        except OpenVINOUnavailable as err:
+            if target == "openvino":
+                raise
+            ov_jobs, ov_skipped = [], {"openvino": str(err)}
+        jobs += ov_jobs
+        skipped |= ov_skipped
+    built = []
+    for backend, job in jobs:
+        try:
+            path, report = job()
+        except (ParityError, OpenVINOUnavailable) as err:
+            if target != "cpu":
+                raise
+            log.warning("%s left out: %s", backend, err)
+            skipped[backend] = str(err)
+            continue
+        built.append((backend, path, report.as_dict()))
+    if not built:
+        raise ParityError(f"no CPU engine passed its gate: {'; '.join(f'{k}: {v}' for k, v in skipped.items())}")
+    return built, skipped, parity[:1]
+
+
+def _ort_jobs(
+    onnx_path: Path, params: Params, quantization: str, parity: Any, reference: Any, calibration: Any
+) -> list[tuple[str, Any]]:
+    from deploy.onnxrt import QuantSettings, build_ort_engine
+    from flows.stages import ORT_FP32, ORT_INT8
+
+    e = params.engine
+    jobs: list[tuple[str, Any]] = [
+        (
+            "onnxruntime-fp32",
+            lambda: build_ort_engine(
+                onnx_path,
+                e.out_dir / ORT_FP32,
+                parity,
+                reference,
+                "fp32",
+                threads=e.ort_threads,
+                min_top1_agreement=params.export.min_top1_agreement,
+                max_abs_diff=params.export.max_abs_diff,
+            ),
+        )
+    ]
+    if quantization == "none":
+        return jobs
+    quant = QuantSettings(
+        mode=quantization,
+        per_channel=e.quant_per_channel,
+        calibrate_method=e.quant_calibration,
+        exclude=tuple(e.quant_exclude),
+    )
+    jobs.append(
+        (
+            "onnxruntime-int8",
+            lambda: build_ort_engine(
+                onnx_path,
+                e.out_dir / ORT_INT8,
+                parity,
+                reference,
+                "int8",
+                quant=quant,
+                threads=e.ort_threads,
+                min_top1_agreement=e.min_int8_top1_agreement,
+                calibration=calibration,
+            ),
+        )
+    )
+    return jobs
+
+
+def _ov_jobs(
+    onnx_path: Path, params: Params, precision: str | None, parity: Any, reference: Any, calibration: Any
+) -> tuple[list[tuple[str, Any]], dict[str, str]]:
+    """One build per OpenVINO precision asked for (or, for `auto`, each this CPU runs natively), and why the
+    others are left out. An explicit precision the CPU cannot run raises `OpenVINOUnavailable`."""
+    from deploy.openvino import PRECISIONS, build_ov_engine, make_plan, precision_support, runtime_meta
+    from flows.stages import OV_DIR
+
+    e = params.engine
+    runtime = runtime_meta()
+    support = precision_support(runtime.extra["capabilities"], runtime.extra["isa"])
+    wanted = precision or e.ov_precision
+    precisions = [p for p in PRECISIONS if wanted == "auto" or p == wanted]
+    skipped = {f"openvino-{p}": support[p] for p in precisions if support[p] and wanted == "auto"}
+    jobs = []
+    for p in precisions:
+        if p in (k.removeprefix("openvino-") for k in skipped):
+            continue
+        plan = make_plan(p, support)  # raises for an explicit precision this CPU cannot run
+        fp32 = p == "fp32"
+        jobs.append(
+            (
+                f"openvino-{p}",
+                lambda plan=plan, fp32=fp32: build_ov_engine(
+                    onnx_path,
+                    e.out_dir / OV_DIR / f"{plan.precision}.zip",
+                    parity,
+                    reference,
+                    plan,
+                    threads=e.ov_threads,
+                    min_top1_agreement=params.export.min_top1_agreement if fp32 else e.min_int8_top1_agreement,
+                    max_abs_diff=params.export.max_abs_diff if fp32 else None,
+                    calibration=calibration,
+                    runtime=runtime,
+                ),
+            )
+        )
+    return jobs, skipped
+
+
+def _select(
+    params: Params, onnx_path: Path, built: list[tuple[str, Path, dict]], skipped: dict[str, str], image: Any
+) -> dict[str, Any]:
+    """Time the engines just built at batch 1 (interleaved rounds, each at its tuned threads), choose the one
+    to serve with, and write `selection.json` beside them."""
+    from dataclasses import asdict
+
+    import numpy as np
+
+    from common.files import sha256_file
+    from deploy.onnxrt import engine_threads
+    from deploy.selection import Candidate, choose_engine, write_selection
+    from deploy.timing import time_in_turns
+
+    e = params.engine
+    image = np.ascontiguousarray(image[:1], np.float32)
+    runners = {backend: cpu_runner(backend, path) for backend, path, _ in built}
+    for run in runners.values():
+        for _ in range(5):
+            run(image)
+    times = time_in_turns(runners, image, [e.select_iters] * 3)
+    candidates = [
+        Candidate(
+            backend=backend,
+            file=path.relative_to(e.out_dir).as_posix(),
+            p50_ms=round(float(np.median(times[backend]) * 1e3), 4),
+            top1_agreement=float(report["top1_agreement"]),
+            threads=engine_threads(path),
+        )
+        for backend, path, report in built
+    ]
+    floor = e.select_min_top1_agreement if e.select_min_top1_agreement is not None else e.min_int8_top1_agreement
+    selection = choose_engine(candidates, floor, skipped)
+    write_selection(e.out_dir, selection, sha256_file(onnx_path))
+    log.info("serving with %s: %s", selection.chosen, selection.reason)
+    return asdict(selection)
+
+
+def cpu_runner(backend: str, path: Path, threads: int = 0) -> Any:
+    """A batch runner for a CPU engine by its backend name (`onnxruntime-*` or `openvino-*`); `threads` 0 = as
+    tuned at build."""
+    from deploy.latency import ort_runner, ov_runner
+
+    return ov_runner(path, threads) if backend.startswith("openvino") else ort_runner(path, threads)
 
 
 def _gate_inputs(model_dir: Path, params: Params) -> tuple[Any, Any, Any]:
@@ -107,47 +309,6 @@ def _gate_inputs(model_dir: Path, params: Params) -> tuple[Any, Any, Any]:
     images = validation_images(params, meta, max(params.export.parity_images, params.engine.calibration_images))
     images = images.numpy()
     return model, images[: params.export.parity_images], images[: params.engine.calibration_images]
-
-
-def _build_onnxruntime(model_dir: Path, onnx_path: Path, params: Params, quantization: str) -> list[tuple[Path, dict]]:
-    from deploy.onnxrt import QuantSettings, build_ort_engine
-    from deploy.parity import torch_logits
-    from flows.stages import ORT_FP32, ORT_INT8
-
-    e = params.engine
-    model, parity, calibration = _gate_inputs(model_dir, params)
-    reference = torch_logits(model, parity)
-    path, report = build_ort_engine(
-        onnx_path,
-        e.out_dir / ORT_FP32,
-        parity,
-        reference,
-        "fp32",
-        threads=e.ort_threads,
-        min_top1_agreement=params.export.min_top1_agreement,
-        max_abs_diff=params.export.max_abs_diff,
-    )
-    built = [(path, report.as_dict())]
-    if quantization == "none":
-        return built
-    quant = QuantSettings(
-        mode=quantization,
-        per_channel=e.quant_per_channel,
-        calibrate_method=e.quant_calibration,
-        exclude=tuple(e.quant_exclude),
-    )
-    path, report = build_ort_engine(
-        onnx_path,
-        e.out_dir / ORT_INT8,
-        parity,
-        reference,
-        "int8",
-        quant=quant,
-        threads=e.ort_threads,
-        min_top1_agreement=e.min_int8_top1_agreement,
-        calibration=calibration,
-    )
-    return [*built, (path, report.as_dict())]
 
 
 def _build_tensorrt(model_dir: Path, onnx_path: Path, params: Params, precision: str) -> tuple[Path, dict]:
@@ -197,15 +358,41 @@ def _build_tensorrt(model_dir: Path, onnx_path: Path, params: Params, precision:
 
 def engine_files(params: Params) -> dict[str, Path]:
     """Backend name -> engine file, for every engine the configured folder can hold."""
-    from flows.stages import ORT_FP32, ORT_INT8, TRT_DIR
+    from flows.stages import ORT_FP32, ORT_INT8, OV_DIR, TRT_DIR
 
     root = params.engine.out_dir
     return {
         "onnxruntime-fp32": root / ORT_FP32,
         "onnxruntime-int8": root / ORT_INT8,
+        "openvino-fp32": root / OV_DIR / "fp32.zip",
+        "openvino-bf16": root / OV_DIR / "bf16.zip",
+        "openvino-int8": root / OV_DIR / "int8.zip",
         "tensorrt-fp16": root / TRT_DIR / "fp16.engine",
         "tensorrt-int8": root / TRT_DIR / "int8.engine",
     }
+
+
+def current_engines(params: Params, files: dict[str, Path]) -> tuple[set[str], list[str]]:
+    """The backends whose engine file exists and was built from the current ONNX export, and a note for each
+    one left out because it was built from another (an older model's engine that a later gate did not replace)."""
+    from common.files import sha256_file
+    from deploy.engine_meta import EngineMismatchError, read_meta
+
+    onnx = Path(params.export.out)
+    onnx_sha = sha256_file(onnx) if onnx.is_file() else None
+    current, notes = set(), []
+    for name, path in files.items():
+        if not path.is_file():
+            continue
+        try:
+            built_from = read_meta(path).onnx_sha256
+        except EngineMismatchError:
+            built_from = None
+        if onnx_sha is None or built_from == onnx_sha:
+            current.add(name)
+        else:
+            notes.append(f"skipped {name} ({path} was built from another ONNX export); rebuild it with `vitops build`")
+    return current, notes
 
 
 def bench_model(params: Params, model_dir: Path, out: Path, iters: int | None, device: str, track: bool) -> Any:
@@ -219,7 +406,6 @@ def bench_model(params: Params, model_dir: Path, out: Path, iters: int | None, d
         bench_report,
         format_table,
         kpi_metrics,
-        ort_runner,
         plan_bench,
         torch_runner,
         trt_runner,
@@ -235,7 +421,7 @@ def bench_model(params: Params, model_dir: Path, out: Path, iters: int | None, d
     b = params.bench
     iters = iters or b.iters
     files = engine_files(params)
-    built = {name for name, path in files.items() if path.is_file()}
+    built, stale = current_engines(params, files)
     cuda = torch.cuda.is_available()
     groups = plan_bench(device, cuda, built)
     rng = np.random.default_rng(0)
@@ -243,7 +429,7 @@ def bench_model(params: Params, model_dir: Path, out: Path, iters: int | None, d
     image = rng.standard_normal((1, *shape), dtype=np.float32)
     batch = rng.standard_normal((b.large_batch, *shape), dtype=np.float32)
     flops = model_flops(model, torch.from_numpy(image))
-    results, tables, notes, threads = [], [], [], {}
+    results, tables, notes, threads = [], [], list(stale), {}
     for group in groups:
         factories: dict[str, Any] = {}
         if group.device == "cpu":
@@ -257,7 +443,7 @@ def bench_model(params: Params, model_dir: Path, out: Path, iters: int | None, d
             factories["torch-eager"] = lambda n=eager: torch_runner(model, "cpu", threads=n)
             for name in group.backends[1:]:
                 threads[name] = b.threads or engine_threads(files[name]) or physical_cores()
-                factories[name] = lambda path=files[name], n=threads[name]: ort_runner(path, n)
+                factories[name] = lambda name=name, n=threads[name]: cpu_runner(name, files[name], n)
         else:
             factories["torch-cuda"] = lambda: torch_runner(model, "cuda")
             factories["torch-cuda-compile"] = lambda: torch_runner(model, "cuda", compile=True)
@@ -270,9 +456,12 @@ def bench_model(params: Params, model_dir: Path, out: Path, iters: int | None, d
         tables.append(f"{group.device}: {host}\n{format_table(group_results, reference=group.reference)}")
         results += group_results
     for name in sorted(set(files) - built):
-        if name.startswith("onnxruntime") or cuda:
+        if (name.startswith(("onnxruntime", "openvino")) or cuda) and not files[name].is_file():
             notes.append(f"skipped {name} (no {files[name]}); build it with `vitops build`")
+    target = _target_engine(params, {r.backend for r in results})
     table = f"latency of {meta.model} at {meta.img_size}px\n" + "\n\n".join(tables)
+    if target:
+        table += f"\ntarget engine (serves this version): {target['engine']}: {target['reason']}"
     report = bench_report(
         results,
         {
@@ -286,6 +475,8 @@ def bench_model(params: Params, model_dir: Path, out: Path, iters: int | None, d
             "host": {"cpu": cpu_name(), "gpu": torch.cuda.get_device_name() if cuda else None, "threads": threads},
             "groups": [{"device": g.device, "reference": g.reference, "backends": g.backends} for g in groups],
             "engines": {name: str(files[name]) for name in sorted(built)},
+            "target_engine": target["engine"] if target else None,
+            "target_reason": target["reason"] if target else None,
             "torch": torch.__version__,
             "settings": {"warmup": b.warmup, "iters": iters, "large_batch": b.large_batch},
         },
@@ -296,6 +487,19 @@ def bench_model(params: Params, model_dir: Path, out: Path, iters: int | None, d
     metrics = kpi_metrics(results)
     run_id = _log_bench(params, out, table_file, metrics, track)
     return BenchOutcome(out=out, table=table, results=results, metrics=metrics, skipped=notes, run_id=run_id)
+
+
+def _target_engine(params: Params, timed: set[str]) -> dict[str, str] | None:
+    """The engine `vitops build` chose to serve with (`selection.json`), if it was made for the current ONNX
+    export and was timed in this bench."""
+    from common.files import sha256_file
+    from deploy.selection import read_selection
+
+    onnx = Path(params.export.out)
+    selection = read_selection(params.engine.out_dir, sha256_file(onnx) if onnx.is_file() else "")
+    if not selection or selection.get("chosen") not in timed:
+        return None
+    return {"engine": selection["chosen"], "reason": selection.get("reason", "")}
 
 
 def _log_bench(params: Params, out: Path, table_file: Path, metrics: dict[str, float], track: bool) -> str | None:

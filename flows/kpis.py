@@ -88,7 +88,8 @@ def paired(candidate: Any, reference: Any, what: str) -> tuple[Any, Any]:
 
 
 def target_latency(bench_json: Path, weights_sha: str) -> Any:
-    """The fastest engine of the bench report (the one the version serves with) as `deploy.kpi.Latency`."""
+    """The engine the version serves with, as `deploy.kpi.Latency`: the bench's target engine (the one `vitops
+    build` chose, `selection.json`), else the fastest engine the bench timed."""
     from deploy.kpi import Latency
 
     if not bench_json.is_file():
@@ -99,7 +100,8 @@ def target_latency(bench_json: Path, weights_sha: str) -> Any:
     engines = [r for r in report["results"] if r["backend"].startswith(ENGINE_PREFIXES)]
     if not engines:
         raise GateInputError(f"{bench_json}: no engine was timed; run `vitops build`, then `vitops bench`")
-    best = min(engines, key=lambda r: r["p50_ms"])
+    chosen = [r for r in engines if r["backend"] == report.get("target_engine")]
+    best = chosen[0] if chosen else min(engines, key=lambda r: r["p50_ms"])
     return Latency(
         engine=best["backend"],
         p50_ms=best["p50_ms"],
@@ -392,8 +394,11 @@ def run_register(params: Params, model_dir: Path, flow_run_id: str) -> RegisterR
                 "p50_ms": r["p50_ms"],
                 "threads": r.get("threads", 0),
                 "device": r.get("device", "cpu"),
+                "chosen": r["backend"] == bench.get("target_engine"),  # served first (`vitops build` chose it)
             }
         )
+    if bench.get("target_engine"):
+        serving["target_engine"] = {"backend": bench["target_engine"], "reason": bench.get("target_reason", "")}
     metrics = decision["metrics"]
     tags = {
         "data_version": str(meta.extra.get("data_version")),

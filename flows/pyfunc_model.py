@@ -2,12 +2,16 @@
 
 `mlflow.pyfunc.load_model("models:/<name>@champion")` builds `ImageClassifier` from the artifacts that
 `flows.registry.register_version` stores: the model folder (`model.json` + weights), the ONNX export, every
-engine with its metadata, and `serving.json` (the bench numbers of each engine). At load it picks the engine
-with the lowest recorded batch-1 p50 that this machine can run:
+engine with its metadata, and `serving.json` (the bench numbers of each engine, and which one `vitops build`
+chose: `chosen`). At load it tries the chosen engine first, then the others by their recorded batch-1 p50,
+and serves with the first that this machine can run:
 
 - TensorRT engines are skipped, with a log line: this model has no TensorRT runner (a plan only runs on the
   GPU and TensorRT version that built it; serve those through vitops' own runners).
 - ONNX Runtime engines run on the CPU with the thread count they were tuned for.
+- OpenVINO engines (an IR in one zip) run on the CPU with their precision hint and thread count, if openvino
+  is installed (imported only then) and the engine was built with this OpenVINO version on this CPU and ISA;
+  otherwise the next engine is tried, in the end an ONNX Runtime one.
 - If none can run, the ONNX export runs in ONNX Runtime, and without ONNX Runtime the weights run in PyTorch
   (timm and safetensors, imported only then).
 
@@ -26,7 +30,9 @@ enforcement but accepted by `ImageClassifier.predict` itself: `model.unwrap_pyth
 The output is a DataFrame with `label`, `confidence` and one `prob_<class>` column per class.
 
 This module is shipped as code with the model (`save`) and imported as the top-level module `pyfunc_model`; it
-imports only the standard library, numpy, pandas, PIL, mlflow and onnxruntime (never vit, deploy or flows).
+imports only the standard library, numpy, pandas, PIL, mlflow, onnxruntime and openvino (never vit, deploy or
+flows). With `DO_NOT_TRACK` set, openvino's telemetry module is hidden before openvino is imported, as in
+`deploy.openvino`.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ import json
 import logging
 import math
 import os
+import sys
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,7 +65,7 @@ _INTERPOLATION = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 _BATCH = 64
-REQUIREMENTS = ("mlflow", "numpy", "pillow", "pandas", "onnxruntime")  # what serving needs, pinned at save time
+REQUIREMENTS = ("mlflow", "numpy", "pillow", "pandas", "onnxruntime", "openvino")  # for serving, pinned at save
 
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):
@@ -157,7 +165,8 @@ def save(path: Path, artifacts: dict[str, str], classes: list[str], img_size: in
 def pick_engine(
     entries: list[dict[str, Any]], engines_dir: Path | None, onnx_path: str | None, model_dir: Path
 ) -> tuple[dict[str, Any], Runner]:
-    """The fastest engine that opens here (lowest `p50_ms`; unmeasured ones last), else a fallback.
+    """The chosen engine if it opens here, else the fastest that does (lowest `p50_ms`; unmeasured ones last),
+    else a fallback.
 
     Args:
         entries: the `engines` list of `serving.json`.
@@ -165,22 +174,24 @@ def pick_engine(
         onnx_path: the ONNX export, run in ONNX Runtime when no engine can be.
         model_dir: the model folder, run in PyTorch when ONNX Runtime is missing too.
     """
-    ranked = sorted(entries, key=lambda e: (e.get("p50_ms") is None, e.get("p50_ms") or 0.0))
+    ranked = sorted(entries, key=lambda e: (not e.get("chosen"), e.get("p50_ms") is None, e.get("p50_ms") or 0.0))
+    runners = {"onnxruntime": _ort_runner, "openvino": _ov_runner}
     for entry in ranked:
         if entry.get("target") == "tensorrt":
             log.info("vitops pyfunc: skipping TensorRT engine %s: this model has no TensorRT runner", entry["file"])
             continue
-        if entry.get("target") != "onnxruntime" or engines_dir is None:
+        if entry.get("target") not in runners or engines_dir is None:
             log.info("vitops pyfunc: skipping engine %s: unknown target %r", entry.get("file"), entry.get("target"))
             continue
         try:
-            return dict(entry), _ort_runner(engines_dir / entry["file"], int(entry.get("threads") or 0))
-        except Exception as err:  # ImportError, or an engine this ONNX Runtime cannot load
+            run = runners[entry["target"]](engines_dir / entry["file"], int(entry.get("threads") or 0), entry)
+            return dict(entry), run
+        except Exception as err:  # ImportError, or an engine this runtime or machine cannot load
             log.warning("vitops pyfunc: cannot open engine %s (%s); trying the next one", entry["file"], err)
     if onnx_path:
         try:
             fallback = {"file": "model.onnx", "target": "onnxruntime", "precision": "fp32", "p50_ms": None}
-            return {**fallback, "threads": 0}, _ort_runner(Path(onnx_path), 0)
+            return {**fallback, "threads": 0}, _ort_runner(Path(onnx_path), 0, fallback)
         except Exception as err:
             log.warning("vitops pyfunc: cannot run the ONNX export in ONNX Runtime (%s); using PyTorch", err)
     return {"file": "model/weights.safetensors", "target": "torch", "precision": "fp32", "p50_ms": None}, (
@@ -195,7 +206,7 @@ def describe_engine(engine: dict[str, Any]) -> str:
     return f"{name} ({timing}{engine.get('threads', 0)} threads)"
 
 
-def _ort_runner(path: Path, threads: int) -> Runner:
+def _ort_runner(path: Path, threads: int, entry: dict[str, Any]) -> Runner:
     import onnxruntime as ort
 
     if not path.is_file():
@@ -209,6 +220,66 @@ def _ort_runner(path: Path, threads: int) -> Runner:
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: x})[0]
+
+
+def _ov_runner(path: Path, threads: int, entry: dict[str, Any]) -> Runner:
+    """An OpenVINO engine zip compiled for the CPU, after checking it was built with this OpenVINO on this CPU."""
+    if os.environ.get("DO_NOT_TRACK", "").lower() not in ("", "0", "false", "no"):
+        sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]  # its no-op stubs then
+    import openvino as ov
+
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    meta = entry.get("meta") or {}
+    extra = meta.get("extra") or {}
+    core = ov.Core()
+    here = {
+        "OpenVINO version": ov.get_version(),
+        "CPU": str(core.get_property("CPU", "FULL_DEVICE_NAME")),
+        "ISA": _cpu_isa(),
+    }
+    built = {"OpenVINO version": meta.get("runtime_version"), "CPU": meta.get("device"), "ISA": extra.get("isa")}
+    diffs = [f"{k} {built[k]!r} (engine) != {here[k]!r} (here)" for k in here if built[k] != here[k]]
+    if diffs:
+        raise RuntimeError(f"built for another machine: {'; '.join(diffs)}")
+    with zipfile.ZipFile(path) as zf:
+        xml, weights = zf.read("model.xml"), zf.read("model.bin")
+    model = core.read_model(model=xml, weights=ov.Tensor(np.frombuffer(weights, np.uint8)))
+    config: dict[str, Any] = {
+        "INFERENCE_PRECISION_HINT": extra.get("inference_precision_hint") or "f32",  # never the plugin's own choice
+        "PERFORMANCE_HINT": "LATENCY",
+        "NUM_STREAMS": 1,
+    }
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    request = core.compile_model(model, "CPU", config).create_infer_request()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        request.infer({0: np.ascontiguousarray(x, np.float32)})
+        return request.get_output_tensor(0).data.copy()
+
+    return run
+
+
+def _cpu_isa() -> list[str]:
+    # The same names, in the same order, as deploy.openvino.cpu_isa writes into the engine metadata.
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    names = (
+        ("avx2", "AVX2"),
+        ("avx512f", "AVX-512"),
+        ("avx512_vnni", "AVX-512 VNNI"),
+        ("avx512_bf16", "AVX-512 BF16"),
+        ("amx_bf16", "AMX-BF16"),
+        ("amx_int8", "AMX-INT8"),
+    )
+    return [label for flag, label in names if flag in flags]
 
 
 def _torch_runner(model_dir: Path) -> Runner:

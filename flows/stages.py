@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 ORT_FP32 = "onnxruntime/fp32.onnx"
 ORT_INT8 = "onnxruntime/int8.onnx"
 TRT_DIR = "tensorrt"
+OV_DIR = "openvino"  # <precision>.zip: OpenVINO IR (xml + bin) in one uncompressed zip
 PREDICTIONS_FILE = "predictions.csv"
 
 
@@ -297,11 +298,13 @@ def export(
 
 @dataclass
 class BuildResult:
-    target: str
+    target: str  # tensorrt | onnxruntime | openvino | cpu (auto without TensorRT: every CPU engine)
     engines: list[Path]
     parity: dict[str, dict[str, Any]]
     onnx: ExportResult
     notice: str = ""
+    skipped: dict[str, str] = field(default_factory=dict)  # backend -> why it was not built or kept
+    selection: dict[str, Any] | None = None  # deploy.selection.Selection: the engine to serve with, and why
 
 
 def build(
@@ -311,8 +314,9 @@ def build(
     precision: str | None = None,
     quantization: str | None = None,
 ) -> BuildResult:
-    """Engines for the target (TensorRT on NVIDIA GPUs, ONNX Runtime on CPUs), each behind its parity gate;
-    exports first when the ONNX file is missing or stale. `auto` without CUDA falls back visibly (`notice`)."""
+    """Engines for the target (TensorRT on NVIDIA GPUs, ONNX Runtime and OpenVINO on CPUs), each behind its parity
+    gate; exports first when the ONNX file is missing or stale. `auto` without CUDA builds every CPU engine this
+    machine runs, says so (`notice`), and chooses the fastest that agrees enough (`selection`)."""
     from flows.engines import build_engines
 
     return build_engines(params, model_folder(model_dir, params), target, precision, quantization)

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 # Offline-safe defaults, set before any library reads them: without these, timm's hub lookup and the
-# telemetry of MLflow, DVC and Prefect wait on hosts this machine cannot reach.
+# telemetry of MLflow, DVC and Prefect wait on hosts this machine cannot reach. DO_NOT_TRACK also turns off
+# OpenVINO's and NNCF's (deploy/openvino.py hides their telemetry module, as they read no variable of their own).
 _PREFECT_HOME = tempfile.mkdtemp(prefix="vitops-prefect-")
 for _key, _value in {
     "HF_HUB_OFFLINE": "1",

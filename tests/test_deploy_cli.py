@@ -61,9 +61,17 @@ def test_build_then_bench_writes_engines_json_and_table(
     assert main(["--params", str(params_file), "build", str(model_dir)]) == 0
     out = capsys.readouterr().out
     if NO_CUDA:
-        assert "TensorRT skipped (no CUDA device); building the ONNX Runtime CPU engine instead" in out
-    for name in ("model.onnx", "onnxruntime/fp32.onnx", "onnxruntime/int8.onnx"):
+        assert "TensorRT skipped (no CUDA device); building the CPU engines (ONNX Runtime, OpenVINO) instead" in out
+    names = ["model.onnx", "onnxruntime/fp32.onnx", "onnxruntime/int8.onnx", "openvino/fp32.zip", "openvino/int8.zip"]
+    for name in names:
         assert (engines / name).is_file() and (engines / f"{name}.json").is_file()
+    # every CPU engine this machine runs was timed; the fastest that agrees enough serves, and the file says why
+    selection = json.loads((engines / "selection.json").read_text())
+    assert {c["backend"] for c in selection["candidates"]} >= {"onnxruntime-fp32", "openvino-fp32", "openvino-int8"}
+    assert f"serving with {selection['chosen']}: lowest batch-1 p50" in out
+    if "BF16" not in _capabilities():
+        assert "openvino-bf16 not built: this CPU has no native BF16" in out
+        assert not (engines / "openvino/bf16.zip").exists()
     int8_meta = json.loads((engines / "onnxruntime/int8.onnx.json").read_text())
     assert int8_meta["precision"] == "int8-dynamic"
     # serving threads were tuned at build: the fastest measured count is the one recorded
@@ -81,7 +89,11 @@ def test_build_then_bench_writes_engines_json_and_table(
     report = json.loads((params_file.parent / "bench" / "latency.json").read_text())
     assert report["metrics"]["latency_p50_ms.onnxruntime-int8"] > 0
     backends = {r["backend"]: r for r in report["results"]}
-    assert {"torch-eager", "onnxruntime-fp32", "onnxruntime-int8"} <= set(backends)
+    assert {"torch-eager", "onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-int8"} <= set(backends)
+    # the rebuild above chose among the ONNX Runtime engines it built: that is the bench's target engine
+    rechosen = json.loads((engines / "selection.json").read_text())["chosen"]
+    assert rechosen.startswith("onnxruntime") and report["target_engine"] == rechosen
+    assert f"target engine (serves this version): {rechosen}" in out
     for r in backends.values():
         assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] and r["throughput_ips"] > 0 and r["large_batch"] == 4
     assert backends["onnxruntime-int8"]["threads"] == int8_meta["extra"]["threads"]  # benched as built
@@ -96,6 +108,84 @@ def test_build_then_bench_writes_engines_json_and_table(
     assert table[0].startswith("latency of vit_tiny") and table[1].startswith("cpu: ")
     assert table[2].startswith("backend")
     assert all(len(r["samples_ms"]) == 5 for r in backends.values())  # every timed call, for the KPI report
+
+
+def _capabilities() -> list[str]:
+    from deploy.openvino import ov_status
+
+    return ov_status()[1]
+
+
+@pytest.fixture()
+def no_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This CPU as OpenVINO would see it without native BF16 (whatever the machine has)."""
+    import deploy.openvino
+
+    real = deploy.openvino.ov_status
+    monkeypatch.setattr(deploy.openvino, "ov_status", lambda: (real()[0], ["FP32", "INT8", "BIN", "EXPORT_IMPORT"]))
+
+
+@pytest.mark.usefixtures("no_bf16")
+def test_auto_without_bf16_skips_it_and_bench_and_kpi_use_the_chosen_engine(
+    model_dir: Path, params_file: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import deploy.timing
+    from common.files import sha256_file
+    from flows.kpis import target_latency
+
+    def fake_turns(runners: dict, image: np.ndarray, blocks: list[int]) -> dict[str, list[float]]:
+        # as if OpenVINO FP32 were the fastest at build: 1 ms against 5 ms for every other engine
+        return {name: [0.001 if name == "openvino-fp32" else 0.005] * sum(blocks) for name in runners}
+
+    monkeypatch.setattr(deploy.timing, "time_in_turns", fake_turns)
+    assert main(["--params", str(params_file), "build", str(model_dir), "--target", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "openvino-bf16 not built: this CPU has no native BF16" in out
+    assert "serving with openvino-fp32: lowest batch-1 p50 (1 ms; next onnxruntime-fp32 5 ms)" in out
+    engines = params_file.parent / "engines"
+    assert json.loads((engines / "selection.json").read_text())["skipped"]["openvino-bf16"].startswith("this CPU")
+
+    assert main(["--params", str(params_file), "bench", str(model_dir), "--iters", "5"]) == 0
+    bench = params_file.parent / "bench" / "latency.json"
+    report = json.loads(bench.read_text())
+    assert report["target_engine"] == "openvino-fp32" and "lowest batch-1 p50" in report["target_reason"]
+    # the latency KPI is the served engine's, even where the bench timed another engine faster
+    latency = target_latency(bench, sha256_file(model_dir / "weights.safetensors"))
+    row = next(r for r in report["results"] if r["backend"] == "openvino-fp32")
+    assert latency.engine == "openvino-fp32" and latency.p95_ms == row["p95_ms"]
+
+
+@pytest.mark.usefixtures("no_bf16")
+def test_explicit_openvino_bf16_without_native_bf16_is_a_usage_error(
+    model_dir: Path, params_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--params", str(params_file), "build", str(model_dir), "--target", "openvino", "--precision", "bf16"]
+    assert main(args) == 2
+    assert "OpenVINO BF16 cannot run here: this CPU has no native BF16" in capsys.readouterr().err
+    assert not (params_file.parent / "engines" / "openvino").exists()
+
+
+def test_failing_gates_stop_an_explicit_build_and_are_left_out_by_auto(
+    model_dir: Path, params_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--params", str(params_file), "export", str(model_dir)]) == 0
+    raw = yaml.safe_load(params_file.read_text())
+    raw["export"]["max_abs_diff"] = 1e-12  # no FP32 engine can pass that (the export is reused as it is)
+    raw["engine"]["ov_precision"] = "fp32"
+    params_file.write_text(yaml.safe_dump(raw))
+    engines = params_file.parent / "engines"
+    assert main(["--params", str(params_file), "build", str(model_dir), "--target", "openvino"]) == 1
+    assert "parity gate failed: openvino-fp32" in capsys.readouterr().err
+    assert list((engines / "openvino").iterdir()) == []  # no engine, no metadata, no temporary folder
+
+    raw["engine"]["ov_precision"] = "auto"
+    params_file.write_text(yaml.safe_dump(raw))
+    assert main(["--params", str(params_file), "build", str(model_dir)]) == 0  # auto: the INT8 engines pass
+    out = capsys.readouterr().out
+    assert "onnxruntime-fp32 not built: parity gate failed" in out and "openvino-fp32 not built: parity gate" in out
+    assert not (engines / "onnxruntime/fp32.onnx").exists() and not (engines / "openvino/fp32.zip").exists()
+    chosen = json.loads((engines / "selection.json").read_text())["chosen"]
+    assert chosen in ("onnxruntime-int8", "openvino-int8") and (engines / "openvino/int8.zip").is_file()
 
 
 @pytest.mark.skipif(not NO_CUDA, reason="checks the refusal on machines without CUDA")

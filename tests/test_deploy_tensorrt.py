@@ -58,11 +58,12 @@ def fake_build(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     return seen
 
 
-def test_auto_target_falls_back_to_onnxruntime_with_a_visible_reason() -> None:
+def test_auto_target_falls_back_to_the_cpu_engines_with_a_visible_reason() -> None:
     target, message = choose_target("auto", False, "no CUDA device")
-    assert target == "onnxruntime" and "TensorRT skipped (no CUDA device)" in message
+    assert target == "cpu" and "TensorRT skipped (no CUDA device); building the CPU engines" in message
     assert choose_target("auto", True) == ("tensorrt", "")
     assert choose_target("onnxruntime", True) == ("onnxruntime", "")
+    assert choose_target("openvino", True) == ("openvino", "")
     with pytest.raises(TensorRTUnavailable, match="no CUDA device.*--target onnxruntime"):
         choose_target("tensorrt", False, "no CUDA device")
 

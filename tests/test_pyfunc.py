@@ -25,8 +25,21 @@ VITOPS_PACKAGES = ("vit", "deploy", "flows", "data_checks", "common")
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory: pytest.TempPathFactory) -> Release:
-    """The tiny release plus a stand-in TensorRT plan, measured fastest, that this model must skip."""
+    """The tiny release plus a stand-in TensorRT plan, measured fastest, that this model must skip, and an
+    OpenVINO FP32 engine that `vitops build` chose (slower in the bench, as a noisy bench may have it)."""
+    from deploy.openvino import build_ov_engine, make_plan
+    from deploy.parity import torch_logits
+
     rel = build_release(tmp_path_factory.mktemp("release"), seed=3)
+    x = np.random.default_rng(3).standard_normal((8, 3, 32, 32), dtype=np.float32)
+    ov_engine, _ = build_ov_engine(
+        rel.onnx, rel.engines[0].parents[1] / "openvino" / "fp32.zip", x, torch_logits(rel.model, x),
+        make_plan("fp32", {"fp32": ""}), threads=1,
+    )  # fmt: skip
+    rel.engines.append(ov_engine)
+    rel.serving["engines"].append(
+        {"file": "openvino/fp32.zip", "target": "openvino", "precision": "fp32", "p50_ms": 0.9, "chosen": True}
+    )
     plan = rel.engines[0].parents[1] / "tensorrt" / "fp16.plan"
     plan.parent.mkdir()
     plan.write_bytes(b"a TensorRT plan for some other GPU")
@@ -130,7 +143,7 @@ def test_champion_loads_in_a_fresh_process_and_predicts_like_torch(
     check(out["direct_frame"], torch_probs(release, files))
     check(out["direct_single"], torch_probs(release, [batch[0]]))
     assert out["plain_list"] == "MlflowException"  # a tensor signature refuses a list: pass an object array
-    assert out["engine"]["file"] == "onnxruntime/fp32.onnx"  # the faster TensorRT stand-in was skipped
+    assert out["engine"]["file"] == "openvino/fp32.zip"  # the engine `vitops build` chose, in OpenVINO
     # the model is the shipped copy of pyfunc_model.py, imported as a top-level module from the model's code/
     assert out["class_module"] == "pyfunc_model" and out["vitops_modules"] == [] and not out["torch_imported"]
     shipped = Path(out["pyfunc_model_file"])
@@ -143,22 +156,50 @@ class _Context:
         self.artifacts = artifacts
 
 
-def _context(release: Release) -> _Context:
+def _context(release: Release, chosen: bool = True, isa: list[str] | None = None) -> _Context:
     return _Context(
         {
             "model": str(release.model_dir),
             "onnx": str(release.onnx),
             "engines": str(release.engines[0].parents[1]),
-            "serving": str(_serving_file(release)),
+            "serving": str(_serving_file(release, chosen, isa)),
         }
     )
 
 
-def _serving_file(release: Release) -> Path:
+def _serving_file(release: Release, chosen: bool, isa: list[str] | None) -> Path:
+    """serving.json as the registry writes it (each entry with its engine's metadata), plus a missing engine."""
     path = release.model_dir.parent / "serving.json"
-    entries = release.serving["engines"] + [{"file": "onnxruntime/gone.onnx", "target": "onnxruntime", "p50_ms": 0.2}]
+    root = release.engines[0].parents[1]
+    entries = []
+    for entry in release.serving["engines"]:
+        meta = json.loads((root / f"{entry['file']}.json").read_text())
+        if isa is not None and entry["target"] == "openvino":
+            meta["extra"]["isa"] = isa
+        entries.append({**entry, "meta": meta, "chosen": chosen and entry.get("chosen", False)})
+    entries.append({"file": "onnxruntime/gone.onnx", "target": "onnxruntime", "p50_ms": 0.2})
     path.write_text(json.dumps({"engines": entries}))
     return path
+
+
+def test_chosen_openvino_engine_serves_and_onnxruntime_takes_over_where_it_cannot(
+    release: Release, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    pictures = images(4, [(32, 32), (40, 36)])
+    model = pyfunc_model.ImageClassifier()
+    model.load_context(_context(release))
+    assert model.engine["target"] == "openvino" and model.engine["file"] == "openvino/fp32.zip"
+    check(model.predict(None, np.array(pictures, dtype=object)), torch_probs(release, pictures))
+
+    with caplog.at_level(logging.INFO):  # built on a CPU with AMX: not this machine's engine
+        model.load_context(_context(release, isa=["AVX2", "AVX-512", "AMX-BF16", "AMX-INT8", "made-up"]))
+    assert model.engine["file"] == "onnxruntime/fp32.onnx"
+    assert "cannot open engine openvino/fp32.zip (built for another machine: ISA" in caplog.text
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # a serving environment without openvino
+    model.load_context(_context(release))
+    assert model.engine["file"] == "onnxruntime/fp32.onnx"
+    check(model.predict(None, np.array(pictures, dtype=object)), torch_probs(release, pictures))
 
 
 def test_engine_choice_skips_tensorrt_and_unloadable_engines(
@@ -166,7 +207,7 @@ def test_engine_choice_skips_tensorrt_and_unloadable_engines(
 ) -> None:
     model = pyfunc_model.ImageClassifier()
     with caplog.at_level(logging.INFO):
-        model.load_context(_context(release))
+        model.load_context(_context(release, chosen=False))  # by bench p50 only
     assert model.engine["file"] == "onnxruntime/fp32.onnx" and model.engine["p50_ms"] == 0.4
     assert "skipping TensorRT engine tensorrt/fp16.plan: this model has no TensorRT runner" in caplog.text
     assert "cannot open engine onnxruntime/gone.onnx" in caplog.text
@@ -174,8 +215,9 @@ def test_engine_choice_skips_tensorrt_and_unloadable_engines(
     check(model.predict(None, np.array(pictures, dtype=object)), torch_probs(release, pictures))
 
 
-def test_without_onnxruntime_the_weights_run_in_torch(release: Release, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_onnxruntime_and_openvino_the_weights_run_in_torch(release: Release, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now fails
+    monkeypatch.setitem(sys.modules, "openvino", None)
     model = pyfunc_model.ImageClassifier()
     model.load_context(_context(release))
     assert model.engine["target"] == "torch"
