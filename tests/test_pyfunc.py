@@ -215,7 +215,9 @@ def test_engine_choice_skips_tensorrt_and_unloadable_engines(
     check(model.predict(None, np.array(pictures, dtype=object)), torch_probs(release, pictures))
 
 
-def test_without_onnxruntime_and_openvino_the_weights_run_in_torch(release: Release, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_onnxruntime_and_openvino_the_weights_run_in_torch(
+    release: Release, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now fails
     monkeypatch.setitem(sys.modules, "openvino", None)
     model = pyfunc_model.ImageClassifier()
