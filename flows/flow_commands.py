@@ -50,7 +50,7 @@ def quiet_prefect(verbose: bool) -> None:
 def cmd_retrain(args: argparse.Namespace, params: Params) -> int:
     """Run the retrain flow and print what a user looks at."""
     quiet_prefect(args.verbose)
-    from flows.retrain import DATA_GATE_FAILED, KPI_GATE_FAILED, SKIPPED, retrain
+    from flows.retrain import DATA_GATE_FAILED, ENGINE_GATE_FAILED, KPI_GATE_FAILED, SKIPPED, retrain
 
     params_file = str(args.params or DEFAULT_PARAMS)
     state = retrain(
@@ -64,7 +64,7 @@ def cmd_retrain(args: argparse.Namespace, params: Params) -> int:
     if state.name == SKIPPED:
         print(f"retrain {state.name}: {state.message}")
         return 0
-    if state.is_failed() and state.name not in (DATA_GATE_FAILED, KPI_GATE_FAILED):
+    if state.is_failed() and state.name not in (DATA_GATE_FAILED, KPI_GATE_FAILED, ENGINE_GATE_FAILED):
         state.result()  # re-raises the error, which `vitops` reports with its exit code
     _print_summary(params, state)
     return 0 if state.is_completed() else 1
@@ -75,7 +75,7 @@ def _print_summary(params: Params, state: Any) -> None:
 
     decision_file = Path(params.gate.report).parent / "decision.json"
     print(f"\nretrain {state.name}: {state.message}")
-    if decision_file.is_file() and state.name != "Data gate failed":
+    if decision_file.is_file() and state.name not in ("Data gate failed", "Engine gate failed"):
         decision = json.loads(decision_file.read_text(encoding="utf-8"))
         table = Path(params.gate.report).with_suffix(".txt")
         if table.is_file():

@@ -30,6 +30,7 @@ from flows.config import DEFAULT_PARAMS, Params, load_params
 TRANSIENT_RETRIES = 2
 # Named end states: a gate that says no is Failed with its reasons (never a traceback), a skip is Completed.
 DATA_GATE_FAILED, KPI_GATE_FAILED, SKIPPED = "Data gate failed", "KPI gate failed", "Skipped"
+ENGINE_GATE_FAILED = "Engine gate failed"
 
 
 def is_transient(error: BaseException | None) -> bool:
@@ -171,6 +172,7 @@ def retrain(
 def _retrain(params: Params, params_file: str, force: bool, nproc_per_node: int) -> Any:
     from prefect.runtime import flow_run
 
+    from deploy.parity import ParityError
     from flows import tracking
     from flows.kpis import params_hash
     from flows.retrain_records import last_success, publish_artifacts, record_outcome
@@ -212,7 +214,11 @@ def _retrain(params: Params, params_file: str, force: bool, nproc_per_node: int)
                 evaluate_task(params, True)
             train_task(params, False, nproc_per_node, params_file)
             evaluate_task(params, False)
-            build_task(params)
+            try:
+                build_task(params)
+            except ParityError as err:  # an explicit engine target whose parity gate said no
+                record_outcome(parent, "engine-gate-failed", None)
+                return Failed(name=ENGINE_GATE_FAILED, message=f"{err}; nothing registered, no alias moved")
             bench_task(params)
             gate = gate_task(params)
             registered = register_task(params, run_id)
