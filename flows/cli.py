@@ -72,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.getLogger(package).setLevel(logging.INFO)
         for chatty in ("mlflow", "great_expectations", "alembic"):  # they attach INFO handlers of their own
             logging.getLogger(chatty).setLevel(logging.WARNING)
+        # NNCF imports torch's C++ extension builder, which warns on every CPU-only machine that it found no CUDA
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         # MLflow sets its loggers' level again when it is imported (database migrations, new experiments):
         # from this variable, which the flow runs `vitops serve` starts inherit too.
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
