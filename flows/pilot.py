@@ -70,11 +70,15 @@ def canary_task(params: Params, versions: ps.Versions, batch: ps.BatchCheck, out
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT)
-def move_task(name: str, alias: str, version: str | None, expect: str | None, reason: str, run_id: str) -> Any:
+def move_task(
+    name: str, alias: str, version: str | None, expect: str | None, reason: str, run_id: str, override: bool = False
+) -> Any:
     """A checked, recorded alias move."""
     from flows import registry
 
-    return registry.move_alias(name, alias, version, expect=expect or "none", reason=reason, flow_run_id=run_id)
+    return registry.move_alias(
+        name, alias, version, expect=expect or "none", reason=reason, flow_run_id=run_id, override_gate=override
+    )
 
 
 @flow(name="pilot", retries=0, log_prints=True)
@@ -112,6 +116,9 @@ def pilot(
                       "nothing to pilot; name the candidate with version=...")  # fmt: skip
     if stage == ps.PROMOTE:
         return _promote(params, versions, list(skip or []), reason, run_id)
+    refusal = ps.pilot_refusal(versions, list(skip or []), reason)
+    if refusal:
+        return Failed(name=REFUSED, message=refusal)
     out = Path(params.pilot.out_dir) / stage
     checked = batch_task(params, Path(batch or params.pilot.batch), versions, out)
     if not checked.passed:
@@ -152,8 +159,15 @@ def _shadow(params: Params, versions: ps.Versions, checked: ps.BatchCheck, out: 
     })  # fmt: skip
     if versions.pilot != versions.candidate:
         move_task(versions.name, "pilot", versions.candidate, versions.pilot,
-                  f"shadow pilot, MLflow run {mlflow_run}", run_id)  # fmt: skip
+                  f"shadow pilot, MLflow run {mlflow_run}", run_id, override=_overridden(versions))  # fmt: skip
     return Completed(message=f"{head}; alias pilot -> version {versions.candidate} (report {result.files[0]})")
+
+
+def _overridden(versions: ps.Versions) -> bool:
+    """Whether the candidate enters `pilot` past a failed KPI gate (allowed only by `pilot_refusal`'s skip)."""
+    from flows import registry
+
+    return registry.version_info(versions.name, versions.candidate).tags.get("gate.passed") != "true"
 
 
 def _canary(params: Params, versions: ps.Versions, checked: ps.BatchCheck, out: Path, run_id: str,
@@ -166,8 +180,6 @@ def _canary(params: Params, versions: ps.Versions, checked: ps.BatchCheck, out: 
                    "or pass skip=[\"shadow\"] with a reason")  # fmt: skip
         _record(params, ps.CANARY, versions, "refused", run_id, message, None)
         return Failed(name=REFUSED, message=message)
-    if skip and not reason.strip():
-        return Failed(name=REFUSED, message=f"skipping {skip} needs a reason, which the records keep")
     result = canary_task(params, versions, checked, out, run_id)
     failed = [c.reason for c in result.checks if not c.passed]
     head = f"canary of {versions.name} version {versions.candidate}: {result.verdict}"
@@ -188,7 +200,8 @@ def _canary(params: Params, versions: ps.Versions, checked: ps.BatchCheck, out: 
     if result.verdict == "inconclusive":
         return Failed(name=INCONCLUSIVE, message=f"{head}: " + " ".join(failed))
     if holder != versions.candidate:
-        move_task(versions.name, "pilot", versions.candidate, holder, f"canary passed, MLflow run {mlflow_run}", run_id)
+        move_task(versions.name, "pilot", versions.candidate, holder, f"canary passed, MLflow run {mlflow_run}", run_id,
+                  override=_overridden(versions))  # fmt: skip
     return Completed(message=f"{head}: every guardrail held (report {result.files[0]})")
 
 

@@ -492,6 +492,26 @@ def promotion_checks(tags: dict[str, str], skip: list[str], reason: str) -> list
     return found
 
 
+def pilot_refusal(versions: Versions, skip: list[str], reason: str) -> str | None:
+    """Why a shadow or canary may not start, or None: a pilot starts from a version that passed its KPI gate,
+    unless `gate` is skipped with a reason (which the registry's history then keeps as an override)."""
+    from flows import registry
+
+    tags = registry.version_info(versions.name, versions.candidate).tags
+    unknown = sorted(set(skip) - set(SKIPPABLE))
+    if unknown:
+        return f"skip {unknown}: only {list(SKIPPABLE)} may be skipped"
+    if skip and not reason.strip():
+        return f"skipping {sorted(skip)} needs a reason, which the records keep: pass reason=..."
+    if tags.get("gate.passed") != "true" and "gate" not in skip:
+        return (
+            f"version {versions.candidate} of {versions.name} did not pass its KPI gate "
+            f"({tags.get('gate.summary') or tags.get('gate.reasons') or 'no gate record'}): a pilot starts from a "
+            'gated candidate; pass skip=["gate"] with a reason to pilot it anyway'
+        )
+    return None
+
+
 def approval_tags(decision: str, approver: str, comment: str, flow_run_id: str) -> dict[str, str]:
     """The version tags of an approval decision (approved, rejected or timeout)."""
     values = (decision, approver, utc_now(), comment, flow_run_id)

@@ -201,6 +201,9 @@ def test_promote_refuses_a_version_without_a_shadow_record(pilot_env: dict[str, 
     v1 = e["v"][0]
     with _at(e["server"]):
         fresh = register(e["name"], build_release(e["project"] / "fresh", seed=0))
+        failed = register(e["name"], build_release(e["project"] / "failed", seed=0), passed=False)
+    ungated = _pilot(e, "shadow", "--version", failed)
+    assert ungated.returncode == 1 and "did not pass its KPI gate" in ungated.stdout  # a pilot starts from a gated one
     moves = len(_history(e, "champion"))
     itself = _pilot(e, "shadow", "--version", v1)
     assert itself.returncode == 1 and "the champion already" in itself.stdout  # no pilot of the champion
