@@ -104,8 +104,8 @@ def check_batch(
     Returns:
         The report (see `validate_batch`), without the paths.
     """
-    from data_checks.gate import _entry, _file_reason, _Runner, _unexpected_paths, format_kl
-    from data_checks.suite import add_check_columns, build_drift_suite, build_files_suite
+    from data_checks.gate import Runner, check_drift, check_files, file_reason, unevaluated
+    from data_checks.suite import add_check_columns, build_files_suite
 
     if not rules.classes:
         raise BatchError("a pilot batch is checked against the model's classes: give them in GateRules.classes")
@@ -114,43 +114,26 @@ def check_batch(
     known = manifest["label"].isin(rules.classes)
     files = add_check_columns(manifest[known])
     files = _concat_sorted(files, manifest[~known].assign(conflicting_labels="", leaks_from=""))
-    runner = _Runner(docs_dir)
-    results: list[dict[str, Any]] = []
-    reasons: dict[str, list[str]] = {}
-    by_path = files.set_index("path", drop=False)
+    runner = Runner(docs_dir)
     suite = build_files_suite(dataclasses.replace(rules, classes=(*rules.classes, "")))
-    for result in runner.run("files", suite, files):
-        entry = _entry("files", result)
-        results.append(entry)
-        for path in _unexpected_paths(result):
-            row = by_path.loc[path]
-            reason = (
-                _folder_reason(row, rules) if entry["column"] == "label" else _file_reason(entry["column"], row, rules)
-            )
-            reasons.setdefault(path, []).append(reason)
+    results, reasons = check_files(
+        runner, suite, files,
+        lambda column, row: _folder_reason(row, rules) if column == "label" else file_reason(column, row, rules),
+    )  # fmt: skip
     usable = files[(files["error"] == "") & ~files["path"].isin(reasons.keys())].reset_index(drop=True)
 
-    failures: list[str] = []
     warnings = _copy_warnings(usable)
     if reference is not None and len(usable):
-        ref_usable = reference[reference["error"].fillna("") == ""]
-        if len(ref_usable):
-            drift = build_drift_suite(ref_usable, usable, rules, labels=False)
-            for result in runner.run("drift", drift, usable):
-                entry = _entry("drift", result)
-                results.append(entry)
-                if not entry["success"] and not isinstance(entry["observed"], dict):
-                    warnings.append(
-                        f"drift in {entry['column']}: KL divergence {format_kl(entry['observed'])}"
-                        f" against the training "
-                        f"data is over validate.drift_kl_threshold={rules.drift_kl_threshold}: the batch's images "
-                        "differ from the training data (camera, lighting, source); judge the models on its labelled "
-                        "part, and retrain with such images if they are the new normal"
-                    )
-    for entry in results:
-        if isinstance(entry["observed"], dict) and "exception" in entry["observed"]:
-            message = f"{entry['name']} on {entry['column']} could not be evaluated: {entry['observed']['exception']}"
-            (warnings if entry["severity"] == "warning" else failures).append(message)
+        entries, drifted = check_drift(
+            runner, reference, usable, rules, "the training data",
+            "the batch's images differ from the training data (camera, lighting, source); judge the models on its "
+            "labelled part, and retrain with such images if they are the new normal",
+            labels=False,
+        )  # fmt: skip
+        results += entries
+        warnings += drifted
+    unevaluated_warnings, failures = unevaluated(results)
+    warnings += unevaluated_warnings
 
     rejected = [{"path": p, "reason": "; ".join(dict.fromkeys(r))} for p, r in sorted(reasons.items())]
     if not len(usable):

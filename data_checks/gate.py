@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,22 +54,17 @@ def run_gate(
         The report (see the module docstring).
     """
     files = add_check_columns(manifest)
-    runner = _Runner(docs_dir)
+    runner = Runner(docs_dir)
     results: list[dict[str, Any]] = []
     failures: list[str] = []
     reasons: dict[str, list[str]] = {}
 
-    by_path = files.set_index("path", drop=False)
     if len(files):
-        for result in runner.run("files", build_files_suite(rules), files):
-            entry = _entry("files", result)
-            results.append(entry)
-            for path in _unexpected_paths(result):
-                reason = _file_reason(entry["column"], by_path.loc[path], rules)
-                if reason:
-                    reasons.setdefault(path, []).append(reason)
-            if not entry["success"]:
-                failures.append(_files_failure(entry, rules))
+        entries, reasons = check_files(
+            runner, build_files_suite(rules), files, lambda column, row: file_reason(column, row, rules)
+        )
+        results += entries
+        failures += [_files_failure(entry, rules) for entry in entries if not entry["success"]]
     usable = files[(files["error"] == "") & ~files["path"].isin(reasons.keys())].reset_index(drop=True)
     table = class_table(usable, rules.classes)
 
@@ -93,23 +89,15 @@ def run_gate(
 
     warnings = _duplicate_warnings(usable)
     if reference is not None and len(usable):
-        ref_usable = reference[reference["error"].fillna("") == ""]
-        if len(ref_usable):
-            for result in runner.run("drift", build_drift_suite(ref_usable, usable, rules), usable):
-                entry = _entry("drift", result)
-                results.append(entry)
-                if not entry["success"] and not isinstance(entry["observed"], dict):
-                    warnings.append(
-                        f"drift in {entry['column']}: KL divergence {format_kl(entry['observed'])}"
-                        f" against the reference "
-                        f"is over validate.drift_kl_threshold={rules.drift_kl_threshold}; check the new images "
-                        "come from the same source, or make this version the new reference"
-                    )
-
-    for entry in results:
-        if isinstance(entry["observed"], dict) and "exception" in entry["observed"]:
-            message = f"{entry['name']} on {entry['column']} could not be evaluated: {entry['observed']['exception']}"
-            (warnings if entry["severity"] == "warning" else failures).append(message)
+        entries, drifted = check_drift(
+            runner, reference, usable, rules, "the reference",
+            "check the new images come from the same source, or make this version the new reference",
+        )  # fmt: skip
+        results += entries
+        warnings += drifted
+    unevaluated_warnings, unevaluated_failures = unevaluated(results)
+    warnings += unevaluated_warnings
+    failures += unevaluated_failures
     rejected = [{"path": p, "reason": "; ".join(dict.fromkeys(r))} for p, r in sorted(reasons.items())]
     passed = not failures and all(r["success"] for r in results if r["severity"] == "critical")
     return {
@@ -129,7 +117,65 @@ def run_gate(
     }
 
 
-class _Runner:
+def check_files(
+    runner: Runner, suite: Any, files: pd.DataFrame, reason_of: Callable[[str, pd.Series], str | None]
+) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
+    """Run the files suite over `files`: its result entries, and the reasons of each file it rejects.
+
+    Args:
+        reason_of: (failed column, the file's row) -> what is wrong and what to do; None keeps the file.
+    """
+    by_path = files.set_index("path", drop=False)
+    entries: list[dict[str, Any]] = []
+    reasons: dict[str, list[str]] = {}
+    for result in runner.run("files", suite, files):
+        entry = _entry("files", result)
+        entries.append(entry)
+        for path in _unexpected_paths(result):
+            reason = reason_of(entry["column"], by_path.loc[path])
+            if reason:
+                reasons.setdefault(path, []).append(reason)
+    return entries, reasons
+
+
+def check_drift(
+    runner: Runner,
+    reference: pd.DataFrame,
+    usable: pd.DataFrame,
+    rules: GateRules,
+    against: str,
+    advice: str,
+    labels: bool = True,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Run the drift suite of `usable` against the usable files of `reference`: its entries, and a warning
+    for each column whose KL divergence is over the threshold (`against` names the reference in it, `advice`
+    says what to do)."""
+    ref_usable = reference[reference["error"].fillna("") == ""]
+    if not len(ref_usable):
+        return [], []
+    suite = build_drift_suite(ref_usable, usable, rules, labels)
+    entries = [_entry("drift", result) for result in runner.run("drift", suite, usable)]
+    warnings = [
+        f"drift in {e['column']}: KL divergence {format_kl(e['observed'])} against {against} is over "
+        f"validate.drift_kl_threshold={rules.drift_kl_threshold}; {advice}"
+        for e in entries
+        if not e["success"] and not isinstance(e["observed"], dict)
+    ]
+    return entries, warnings
+
+
+def unevaluated(results: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """Messages for the expectations that raised instead of being evaluated: (warnings, failures), by severity."""
+    warnings: list[str] = []
+    failures: list[str] = []
+    for entry in results:
+        if isinstance(entry["observed"], dict) and "exception" in entry["observed"]:
+            message = f"{entry['name']} on {entry['column']} could not be evaluated: {entry['observed']['exception']}"
+            (warnings if entry["severity"] == "warning" else failures).append(message)
+    return warnings, failures
+
+
+class Runner:
     """One ephemeral GX context for a gate run, with a pandas datasource and optional Data Docs site."""
 
     def __init__(self, docs_dir: Path | None) -> None:
@@ -222,7 +268,7 @@ def _unexpected_paths(result: Any) -> list[str]:
     return [item["path"] for item in (result.result or {}).get("unexpected_index_list") or []]
 
 
-def _file_reason(column: str, row: pd.Series, rules: GateRules) -> str | None:
+def file_reason(column: str, row: pd.Series, rules: GateRules) -> str | None:
     if column == "label" and not row["label"]:  # already rejected as "not inside a label folder"
         return None
     if column == "error":

@@ -468,17 +468,14 @@ def promotion_checks(tags: dict[str, str], skip: list[str], reason: str) -> list
     Raises:
         PilotError: an unknown name in `skip`, or a skip without a reason.
     """
-    unknown = sorted(set(skip) - set(SKIPPABLE))
-    if unknown:
-        raise PilotError(f"skip {unknown}: only {list(SKIPPABLE)} may be skipped")
-    if skip and not reason.strip():
-        raise PilotError(f"skipping {sorted(skip)} needs a reason, which the records keep: pass reason=...")
+    problem = skip_problem(skip, reason)
+    if problem:
+        raise PilotError(problem)
     gate = tags.get("gate.passed") == "true"
     shadow_run = tags.get(TAG_SHADOW_RUN, "")
     outcome = tags.get(TAG_CANARY_OUTCOME, "")
     found = [
-        Requirement("gate", gate, False, f"KPI gate {'passed' if gate else 'not passed'}: "
-                    f"{tags.get('gate.summary') or tags.get('gate.reasons') or 'no gate record'}"),
+        Requirement("gate", gate, False, f"KPI gate {'passed' if gate else 'not passed'}: {gate_record(tags)}"),
         Requirement(SHADOW, bool(shadow_run), False,
                     f"shadow record: MLflow run {shadow_run}" if shadow_run else "no shadow record"),
         Requirement(CANARY, outcome == "passed", False,
@@ -497,19 +494,31 @@ def pilot_refusal(versions: Versions, skip: list[str], reason: str) -> str | Non
     unless `gate` is skipped with a reason (which the registry's history then keeps as an override)."""
     from flows import registry
 
+    problem = skip_problem(skip, reason)
+    if problem:
+        return problem
     tags = registry.version_info(versions.name, versions.candidate).tags
+    if tags.get("gate.passed") != "true" and "gate" not in skip:
+        return (
+            f"version {versions.candidate} of {versions.name} did not pass its KPI gate ({gate_record(tags)}): "
+            'a pilot starts from a gated candidate; pass skip=["gate"] with a reason to pilot it anyway'
+        )
+    return None
+
+
+def skip_problem(skip: list[str], reason: str) -> str | None:
+    """What is wrong with a skip list, or None: only `SKIPPABLE` names, and never without a reason."""
     unknown = sorted(set(skip) - set(SKIPPABLE))
     if unknown:
         return f"skip {unknown}: only {list(SKIPPABLE)} may be skipped"
     if skip and not reason.strip():
         return f"skipping {sorted(skip)} needs a reason, which the records keep: pass reason=..."
-    if tags.get("gate.passed") != "true" and "gate" not in skip:
-        return (
-            f"version {versions.candidate} of {versions.name} did not pass its KPI gate "
-            f"({tags.get('gate.summary') or tags.get('gate.reasons') or 'no gate record'}): a pilot starts from a "
-            'gated candidate; pass skip=["gate"] with a reason to pilot it anyway'
-        )
     return None
+
+
+def gate_record(tags: dict[str, str]) -> str:
+    """The KPI gate's one-line record on a version's tags."""
+    return tags.get("gate.summary") or tags.get("gate.reasons") or "no gate record"
 
 
 def approval_tags(decision: str, approver: str, comment: str, flow_run_id: str) -> dict[str, str]:
