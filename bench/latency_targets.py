@@ -41,6 +41,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +86,8 @@ def train_briefly(
     all_threads = torch.get_num_threads()
     torch.set_num_threads(threads or all_threads)
     model.train()
-    for _ in range(steps):
+    start, every = time.perf_counter(), max(1, steps // 10)
+    for step in range(1, steps + 1):
         idx = torch.randint(0, len(xt), (batch_size,), generator=gen)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx])
@@ -93,6 +95,14 @@ def train_briefly(
         loss.backward()
         opt.step()
         sched.step()
+        took = time.perf_counter() - start
+        if step % every == 0 and took > 30:  # a long training says how far it is (stderr: the table stays clean)
+            print(
+                f"  training step {step}/{steps}: loss {loss.item():.3f}, {took:.0f} s, "
+                f"about {took / step * (steps - step):.0f} s left",
+                file=sys.stderr,
+                flush=True,
+            )
     torch.set_num_threads(all_threads)
     model.eval()
     xo = torch.from_numpy(x[1::2])
