@@ -359,7 +359,8 @@ def run_cpu(args: argparse.Namespace) -> int:
             cfg = small.pretrained_cfg
             xs, ys = digits_images(224, cfg["mean"], cfg["std"])
             cached = Path(args.small_weights) if args.small_weights else None
-            if cached and cached.is_file():
+            loaded = bool(cached and cached.is_file())
+            if loaded:
                 state = torch.load(cached, weights_only=True)
                 small.load_state_dict(state["weights"])
                 accuracy, how = evaluate_odd_half(small, xs, ys), state["how"]
@@ -374,7 +375,7 @@ def run_cpu(args: argparse.Namespace) -> int:
                     torch.save({"weights": small.state_dict(), "how": how}, cached)
             print(
                 f"vit_small_patch16_224: no public weights offline; trained here from scratch on digits at 224 px "
-                f"({how}{', loaded from ' + str(cached) if cached and cached.is_file() else ''}; test top-1 "
+                f"({how}{', loaded from ' + str(cached) if loaded else ''}; test top-1 "
                 f"{accuracy:.1%})"
             )
             if args.train_only:
@@ -388,7 +389,7 @@ def run_cpu(args: argparse.Namespace) -> int:
                 threads,
                 work,
                 bool(args.threads),
-                trained=args.small_steps > 0 or bool(cached and cached.is_file()),
+                trained=args.small_steps > 0 or loaded,
                 large_batch=args.small_batch,
             )
     tuned = "fixed" if args.threads else "each backend at its fastest of 1, 2, 4 ..."
