@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -446,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-only", action="store_true", help="train (and keep) the ViT-S/16, time nothing")
     parser.add_argument("--gpu", action="store_true", help="torch eager vs torch.compile on an NVIDIA GPU")
     args = parser.parse_args(argv)
+    # NNCF imports torch's C++ extension builder, which warns on every CPU-only machine that it found no CUDA
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     return run_gpu(args) if args.gpu else run_cpu(args)
 
 
