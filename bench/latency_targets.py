@@ -105,11 +105,7 @@ def train_briefly(
                 flush=True,
             )
     torch.set_num_threads(all_threads)
-    model.eval()
-    xo = torch.from_numpy(x[1::2])
-    with torch.inference_mode():
-        predictions = torch.cat([model(xo[i : i + 64]).argmax(1) for i in range(0, len(xo), 64)])
-    return float((predictions.numpy() == y[1::2]).mean())
+    return evaluate_odd_half(model, x, y)
 
 
 def native_bf16() -> bool:
@@ -188,8 +184,8 @@ def measure_cpu(
     from deploy.openvino import build_ov_engine, make_plan, precision_support, runtime_meta
     from deploy.parity import compare_logits, run_batched, torch_logits
     from deploy.roofline import achieved_gflops, model_flops
-    from deploy.selection import Candidate, choose_engine
-    from deploy.timing import thread_candidates, time_in_turns, tune_threads
+    from deploy.selection import Candidate, choose_engine, time_candidates
+    from deploy.timing import thread_candidates, tune_threads
 
     onnx_path = work / f"{name}.onnx"
     result = export_onnx(model, torch.from_numpy(images[:2]), onnx_path)
@@ -233,20 +229,14 @@ def measure_cpu(
     # What `vitops build --target auto` would serve: its timing (3 interleaved rounds of 50 batch-1 calls, each
     # engine at its tuned threads) and its choice, made before the bench rounds, as a build makes it.
     engine_labels = [label for label in engines if label != "onnxruntime-int8-static"]  # the build's engines
-    auto_runners = {label: makers[label](best[label]) for label in engine_labels}
-    for run in auto_runners.values():
-        for _ in range(5):
-            run(image)
-    auto_times = time_in_turns(auto_runners, image, [max(10, min(50, iters // 4))] * 3)
+    auto_p50 = time_candidates(
+        {label: makers[label](best[label]) for label in engine_labels}, image, max(10, min(50, iters // 4))
+    )
     auto = choose_engine(
-        [
-            Candidate(label, label, float(np.median(auto_times[label]) * 1e3), agreement[label], best[label])
-            for label in engine_labels
-        ],
+        [Candidate(label, label, auto_p50[label], agreement[label], best[label]) for label in engine_labels],
         0.99,
         missing,
     )
-    del auto_runners
     factories = {label: (lambda make=make, n=best[label]: make(n)) for label, make in makers.items()}
     batch = np.ascontiguousarray(images[:large_batch])
     results = bench_backends(factories, image, batch, warmup=min(20, iters), iters=iters, threads=best)

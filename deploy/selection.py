@@ -11,6 +11,7 @@ serves with it. The choice itself is `choose_engine`, a plain function over meas
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,20 @@ def choose_engine(
         if row["backend"] == best.backend:
             row["chosen"] = True
     return Selection(best.backend, best.file, reason, min_top1_agreement, rows, skipped)
+
+
+def time_candidates(runners: dict[str, Callable[[Any], Any]], image: Any, iters: int) -> dict[str, float]:
+    """Batch-1 p50 (ms) of each engine as `--target auto` times it: 5 warm-up calls each, then 3 interleaved
+    rounds of `iters` calls, so that a slow spell of a shared CPU hits every engine alike."""
+    import numpy as np
+
+    from deploy.timing import time_in_turns
+
+    for run in runners.values():
+        for _ in range(5):
+            run(image)
+    times = time_in_turns(runners, image, [iters] * 3)
+    return {backend: round(float(np.median(t) * 1e3), 4) for backend, t in times.items()}
 
 
 def write_selection(folder: Path, selection: Selection, onnx_sha256: str) -> Path:

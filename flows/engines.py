@@ -221,26 +221,28 @@ def _ov_jobs(
     """One build per OpenVINO precision asked for (or, for `auto`, each this CPU runs natively), and why the
     others are left out. An explicit precision the CPU cannot run raises `OpenVINOUnavailable`."""
     from deploy.openvino import PRECISIONS, build_ov_engine, make_plan, precision_support, runtime_meta
-    from flows.stages import OV_DIR
 
     e = params.engine
     runtime = runtime_meta()
     support = precision_support(runtime.extra["capabilities"], runtime.extra["isa"])
     wanted = precision or e.ov_precision
-    precisions = [p for p in PRECISIONS if wanted == "auto" or p == wanted]
-    skipped = {f"openvino-{p}": support[p] for p in precisions if support[p] and wanted == "auto"}
-    jobs = []
-    for p in precisions:
-        if p in (k.removeprefix("openvino-") for k in skipped):
+    files = engine_files(params)
+    jobs, skipped = [], {}
+    for p in PRECISIONS:
+        backend = f"openvino-{p}"
+        if wanted not in ("auto", p):
+            continue
+        if wanted == "auto" and support[p]:
+            skipped[backend] = support[p]
             continue
         plan = make_plan(p, support)  # raises for an explicit precision this CPU cannot run
         fp32 = p == "fp32"
         jobs.append(
             (
-                f"openvino-{p}",
-                lambda plan=plan, fp32=fp32: build_ov_engine(
+                backend,
+                lambda plan=plan, fp32=fp32, out=files[backend]: build_ov_engine(
                     onnx_path,
-                    e.out_dir / OV_DIR / f"{plan.precision}.zip",
+                    out,
                     parity,
                     reference,
                     plan,
@@ -266,21 +268,16 @@ def _select(
 
     from common.files import sha256_file
     from deploy.onnxrt import engine_threads
-    from deploy.selection import Candidate, choose_engine, write_selection
-    from deploy.timing import time_in_turns
+    from deploy.selection import Candidate, choose_engine, time_candidates, write_selection
 
     e = params.engine
     image = np.ascontiguousarray(image[:1], np.float32)
-    runners = {backend: cpu_runner(backend, path) for backend, path, _ in built}
-    for run in runners.values():
-        for _ in range(5):
-            run(image)
-    times = time_in_turns(runners, image, [e.select_iters] * 3)
+    p50 = time_candidates({backend: cpu_runner(backend, path) for backend, path, _ in built}, image, e.select_iters)
     candidates = [
         Candidate(
             backend=backend,
             file=path.relative_to(e.out_dir).as_posix(),
-            p50_ms=round(float(np.median(times[backend]) * 1e3), 4),
+            p50_ms=p50[backend],
             top1_agreement=float(report["top1_agreement"]),
             threads=engine_threads(path),
         )
@@ -372,14 +369,12 @@ def engine_files(params: Params) -> dict[str, Path]:
     }
 
 
-def current_engines(params: Params, files: dict[str, Path]) -> tuple[set[str], list[str]]:
-    """The backends whose engine file exists and was built from the current ONNX export, and a note for each
-    one left out because it was built from another (an older model's engine that a later gate did not replace)."""
-    from common.files import sha256_file
+def current_engines(files: dict[str, Path], onnx_sha: str | None) -> tuple[set[str], list[str]]:
+    """The backends whose engine file exists and was built from the current ONNX export (`onnx_sha`; None: no
+    export to compare with), and a note for each one left out because it was built from another (an older
+    model's engine that a later gate did not replace)."""
     from deploy.engine_meta import EngineMismatchError, read_meta
 
-    onnx = Path(params.export.out)
-    onnx_sha = sha256_file(onnx) if onnx.is_file() else None
     current, notes = set(), []
     for name, path in files.items():
         if not path.is_file():
@@ -421,7 +416,9 @@ def bench_model(params: Params, model_dir: Path, out: Path, iters: int | None, d
     b = params.bench
     iters = iters or b.iters
     files = engine_files(params)
-    built, stale = current_engines(params, files)
+    onnx = Path(params.export.out)
+    onnx_sha = sha256_file(onnx) if onnx.is_file() else None
+    built, stale = current_engines(files, onnx_sha)
     cuda = torch.cuda.is_available()
     groups = plan_bench(device, cuda, built)
     rng = np.random.default_rng(0)
@@ -458,7 +455,7 @@ def bench_model(params: Params, model_dir: Path, out: Path, iters: int | None, d
     for name in sorted(set(files) - built):
         if (name.startswith(("onnxruntime", "openvino")) or cuda) and not files[name].is_file():
             notes.append(f"skipped {name} (no {files[name]}); build it with `vitops build`")
-    target = _target_engine(params, {r.backend for r in results})
+    target = _target_engine(params, onnx_sha, {r.backend for r in results})
     table = f"latency of {meta.model} at {meta.img_size}px\n" + "\n\n".join(tables)
     if target:
         table += f"\ntarget engine (serves this version): {target['engine']}: {target['reason']}"
@@ -489,14 +486,12 @@ def bench_model(params: Params, model_dir: Path, out: Path, iters: int | None, d
     return BenchOutcome(out=out, table=table, results=results, metrics=metrics, skipped=notes, run_id=run_id)
 
 
-def _target_engine(params: Params, timed: set[str]) -> dict[str, str] | None:
+def _target_engine(params: Params, onnx_sha: str | None, timed: set[str]) -> dict[str, str] | None:
     """The engine `vitops build` chose to serve with (`selection.json`), if it was made for the current ONNX
-    export and was timed in this bench."""
-    from common.files import sha256_file
+    export (`onnx_sha`) and was timed in this bench."""
     from deploy.selection import read_selection
 
-    onnx = Path(params.export.out)
-    selection = read_selection(params.engine.out_dir, sha256_file(onnx) if onnx.is_file() else "")
+    selection = read_selection(params.engine.out_dir, onnx_sha or "")
     if not selection or selection.get("chosen") not in timed:
         return None
     return {"engine": selection["chosen"], "reason": selection.get("reason", "")}
