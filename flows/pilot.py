@@ -104,6 +104,8 @@ def pilot(
     """
     from prefect.runtime import flow_run
 
+    from flows import registry
+
     params = load_params(params_file, must_exist=params_file != str(DEFAULT_PARAMS))
     if model_name:
         params.tracking.registered_model = model_name
@@ -116,7 +118,8 @@ def pilot(
                       "nothing to pilot; name the candidate with version=...")  # fmt: skip
     if stage == ps.PROMOTE:
         return _promote(params, versions, list(skip or []), reason, run_id)
-    refusal = ps.pilot_refusal(versions, list(skip or []), reason)
+    tags = registry.version_info(versions.name, versions.candidate).tags
+    refusal = ps.pilot_refusal(versions, tags, list(skip or []), reason)
     if refusal:
         return Failed(name=REFUSED, message=refusal)
     out = Path(params.pilot.out_dir) / stage
@@ -126,8 +129,8 @@ def pilot(
         _record(params, stage, versions, "batch-rejected", run_id, message, None, [checked.report_path])
         return Failed(name=BATCH_REJECTED, message=message + f" ({checked.report_path})")
     if stage == ps.SHADOW:
-        return _shadow(params, versions, checked, out, run_id)
-    return _canary(params, versions, checked, out, run_id, list(skip or []), reason)
+        return _shadow(params, versions, tags, checked, out, run_id)
+    return _canary(params, versions, tags, checked, out, run_id, list(skip or []), reason)
 
 
 def _record(params: Params, stage: str, versions: ps.Versions, outcome: str, run_id: str, headline: str,
@@ -143,7 +146,9 @@ def _record(params: Params, stage: str, versions: ps.Versions, outcome: str, run
     return mlflow_run
 
 
-def _shadow(params: Params, versions: ps.Versions, checked: ps.BatchCheck, out: Path, run_id: str) -> Any:
+def _shadow(params: Params, versions: ps.Versions, tags: dict[str, str], checked: ps.BatchCheck, out: Path,
+            run_id: str) -> Any:  # fmt: skip
+    """`tags`: the candidate's, as read before the stage (the gate override decides how `pilot` moves)."""
     from flows import registry
 
     result = shadow_task(params, versions, checked, out, run_id)
@@ -159,22 +164,21 @@ def _shadow(params: Params, versions: ps.Versions, checked: ps.BatchCheck, out: 
     })  # fmt: skip
     if versions.pilot != versions.candidate:
         move_task(versions.name, "pilot", versions.candidate, versions.pilot,
-                  f"shadow pilot, MLflow run {mlflow_run}", run_id, override=_overridden(versions))  # fmt: skip
+                  f"shadow pilot, MLflow run {mlflow_run}", run_id, override=_overridden(tags))  # fmt: skip
     return Completed(message=f"{head}; alias pilot -> version {versions.candidate} (report {result.files[0]})")
 
 
-def _overridden(versions: ps.Versions) -> bool:
-    """Whether the candidate enters `pilot` past a failed KPI gate (allowed only by `pilot_refusal`'s skip)."""
+def _overridden(tags: dict[str, str]) -> bool:
+    """Whether the candidate (by its tags) enters `pilot` past a failed KPI gate (allowed only by
+    `pilot_refusal`'s skip)."""
+    return tags.get("gate.passed") != "true"
+
+
+def _canary(params: Params, versions: ps.Versions, tags: dict[str, str], checked: ps.BatchCheck, out: Path,
+            run_id: str, skip: list[str], reason: str) -> Any:  # fmt: skip
+    """`tags`: the candidate's, as read before the stage."""
     from flows import registry
 
-    return registry.version_info(versions.name, versions.candidate).tags.get("gate.passed") != "true"
-
-
-def _canary(params: Params, versions: ps.Versions, checked: ps.BatchCheck, out: Path, run_id: str,
-            skip: list[str], reason: str) -> Any:  # fmt: skip
-    from flows import registry
-
-    tags = registry.version_info(versions.name, versions.candidate).tags
     if not tags.get(ps.TAG_SHADOW_RUN) and ps.SHADOW not in skip:
         message = (f"version {versions.candidate} of {versions.name} has no shadow record: run stage=shadow first, "
                    "or pass skip=[\"shadow\"] with a reason")  # fmt: skip
@@ -201,7 +205,7 @@ def _canary(params: Params, versions: ps.Versions, checked: ps.BatchCheck, out: 
         return Failed(name=INCONCLUSIVE, message=f"{head}: " + " ".join(failed))
     if holder != versions.candidate:
         move_task(versions.name, "pilot", versions.candidate, holder, f"canary passed, MLflow run {mlflow_run}", run_id,
-                  override=_overridden(versions))  # fmt: skip
+                  override=_overridden(tags))  # fmt: skip
     return Completed(message=f"{head}: every guardrail held (report {result.files[0]})")
 
 

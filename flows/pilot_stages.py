@@ -489,15 +489,13 @@ def promotion_checks(tags: dict[str, str], skip: list[str], reason: str) -> list
     return found
 
 
-def pilot_refusal(versions: Versions, skip: list[str], reason: str) -> str | None:
-    """Why a shadow or canary may not start, or None: a pilot starts from a version that passed its KPI gate,
-    unless `gate` is skipped with a reason (which the registry's history then keeps as an override)."""
-    from flows import registry
-
+def pilot_refusal(versions: Versions, tags: dict[str, str], skip: list[str], reason: str) -> str | None:
+    """Why a shadow or canary may not start, or None: a pilot starts from a version that passed its KPI gate
+    (`tags`: the candidate's), unless `gate` is skipped with a reason (which the registry's history then keeps
+    as an override)."""
     problem = skip_problem(skip, reason)
     if problem:
         return problem
-    tags = registry.version_info(versions.name, versions.candidate).tags
     if tags.get("gate.passed") != "true" and "gate" not in skip:
         return (
             f"version {versions.candidate} of {versions.name} did not pass its KPI gate ({gate_record(tags)}): "
