@@ -72,10 +72,11 @@ def cmd_retrain(args: argparse.Namespace, params: Params) -> int:
 
 def _print_summary(params: Params, state: Any) -> None:
     from flows import tracking
+    from flows.retrain import DATA_GATE_FAILED, ENGINE_GATE_FAILED
 
     decision_file = Path(params.gate.report).parent / "decision.json"
     print(f"\nretrain {state.name}: {state.message}")
-    if decision_file.is_file() and state.name not in ("Data gate failed", "Engine gate failed"):
+    if decision_file.is_file() and state.name not in (DATA_GATE_FAILED, ENGINE_GATE_FAILED):
         decision = json.loads(decision_file.read_text(encoding="utf-8"))
         table = Path(params.gate.report).with_suffix(".txt")
         if table.is_file():
