@@ -261,8 +261,20 @@ def _ov_runner(path: Path, threads: int, entry: dict[str, Any]) -> Runner:
     return run
 
 
+# deploy.openvino.ISA_FLAGS, copied because this module imports nothing of vitops; a test keeps them equal
+# (an engine whose metadata names its ISA otherwise would be refused on the machine that built it).
+ISA_FLAGS = (
+    ("avx2", "AVX2"),
+    ("avx512f", "AVX-512"),
+    ("avx512_vnni", "AVX-512 VNNI"),
+    ("avx512_bf16", "AVX-512 BF16"),
+    ("amx_bf16", "AMX-BF16"),
+    ("amx_int8", "AMX-INT8"),
+)
+
+
 def _cpu_isa() -> list[str]:
-    # The same names, in the same order, as deploy.openvino.cpu_isa writes into the engine metadata.
+    """The same names, in the same order, as deploy.openvino.cpu_isa writes into the engine metadata."""
     flags: set[str] = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -271,15 +283,7 @@ def _cpu_isa() -> list[str]:
                 break
     except OSError:
         pass
-    names = (
-        ("avx2", "AVX2"),
-        ("avx512f", "AVX-512"),
-        ("avx512_vnni", "AVX-512 VNNI"),
-        ("avx512_bf16", "AVX-512 BF16"),
-        ("amx_bf16", "AMX-BF16"),
-        ("amx_int8", "AMX-INT8"),
-    )
-    return [label for flag, label in names if flag in flags]
+    return [label for flag, label in ISA_FLAGS if flag in flags]
 
 
 def _torch_runner(model_dir: Path) -> Runner:

@@ -234,3 +234,12 @@ def test_bad_inputs_are_clear_errors(release: Release) -> None:
         model.predict(None, pd.DataFrame({"file": ["a.png"]}))
     with pytest.raises(ValueError, match="expected a uint8 RGB image"):
         model.predict(None, np.zeros((2, 8, 8, 3), dtype=np.float32))
+
+
+def test_the_served_model_names_this_cpus_isa_as_the_openvino_build_does() -> None:
+    """The shipped module carries its own copy of the ISA table; a copy that drifts would refuse every
+    OpenVINO engine on the machine that built it."""
+    from deploy.openvino import ISA_FLAGS, cpu_flags, cpu_isa
+
+    assert pyfunc_model.ISA_FLAGS == ISA_FLAGS
+    assert pyfunc_model._cpu_isa() == cpu_isa(cpu_flags())
