@@ -26,8 +26,8 @@ def fine_tune(device: str, bf16: bool, seed: int, steps: int, x: np.ndarray, y: 
     """Top-1 on the odd half after `steps` AdamW steps on the even half, from the stand-in weights."""
     import torch
 
-    from flows.config import load_params
-    from vit.sources import create_model
+    from vitops.flows.config import load_params
+    from vitops.vit.sources import create_model
 
     t = load_params().train
     torch.manual_seed(seed)
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).parent))
     from latency_targets import digits_images
 
-    from flows.config import load_params
+    from vitops.flows.config import load_params
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("--device cuda: no CUDA device here", file=sys.stderr)

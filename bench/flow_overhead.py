@@ -60,8 +60,8 @@ def main() -> int:
 
     from flow_fixtures import make_project, set_params
 
-    from flows import stages
-    from flows.config import load_params
+    from vitops.flows import stages
+    from vitops.flows.config import load_params
 
     params_file = make_project(root, "bench-digits", images=args.images)
     set_params(params_file, train={"epochs": args.epochs}, baseline={"epochs": args.epochs})
@@ -89,7 +89,7 @@ def main() -> int:
 
     from prefect import flow
 
-    from flows.retrain import retrain
+    from vitops.flows.retrain import retrain
 
     @flow
     def noop() -> None:

@@ -110,7 +110,7 @@ def train_briefly(
 
 def native_bf16() -> bool:
     """Whether this CPU computes in BF16 natively (AMX-BF16 or AVX-512 BF16)."""
-    from deploy.openvino import cpu_flags
+    from vitops.deploy.openvino import cpu_flags
 
     return bool({"amx_bf16", "avx512_bf16"} & set(cpu_flags()))
 
@@ -133,8 +133,8 @@ def quickstart_model(model_dir: str | None, steps: int) -> tuple[object, object,
     import timm
     import torch
 
-    from flows.config import load_params
-    from vit.bundle import ModelMeta, load_bundle
+    from vitops.flows.config import load_params
+    from vitops.vit.bundle import ModelMeta, load_bundle
 
     if model_dir:
         model, meta = load_bundle(Path(model_dir))
@@ -155,7 +155,7 @@ def quickstart_model(model_dir: str | None, steps: int) -> tuple[object, object,
 @functools.cache
 def fp32_peak(library: str, threads: int) -> float:
     """Measured FP32 GEMM GFLOP/s of `library` (torch or onnxruntime) on `threads` threads, once per run."""
-    from deploy.roofline import gemm_peak_gflops
+    from vitops.deploy.roofline import gemm_peak_gflops
 
     return gemm_peak_gflops(library, threads)
 
@@ -178,14 +178,14 @@ def measure_cpu(
     that their library reaches on this CPU with the same threads (the roofline)."""
     import torch
 
-    from deploy.export import export_onnx
-    from deploy.latency import bench_backends, ort_runner, ov_runner, torch_runner
-    from deploy.onnxrt import QuantSettings, create_session, optimize_onnx, quantize_onnx, session_logits
-    from deploy.openvino import build_ov_engine, make_plan, precision_support, runtime_meta
-    from deploy.parity import compare_logits, run_batched, torch_logits
-    from deploy.roofline import achieved_gflops, model_flops
-    from deploy.selection import Candidate, choose_engine, time_candidates
-    from deploy.timing import thread_candidates, tune_threads
+    from vitops.deploy.export import export_onnx
+    from vitops.deploy.latency import bench_backends, ort_runner, ov_runner, torch_runner
+    from vitops.deploy.onnxrt import QuantSettings, create_session, optimize_onnx, quantize_onnx, session_logits
+    from vitops.deploy.openvino import build_ov_engine, make_plan, precision_support, runtime_meta
+    from vitops.deploy.parity import compare_logits, run_batched, torch_logits
+    from vitops.deploy.roofline import achieved_gflops, model_flops
+    from vitops.deploy.selection import Candidate, choose_engine, time_candidates
+    from vitops.deploy.timing import thread_candidates, tune_threads
 
     onnx_path = work / f"{name}.onnx"
     result = export_onnx(model, torch.from_numpy(images[:2]), onnx_path)
@@ -330,7 +330,7 @@ def print_rows(rows: list[dict]) -> None:
 def run_cpu(args: argparse.Namespace) -> int:
     import torch
 
-    from deploy.onnxrt import cpu_name, physical_cores
+    from vitops.deploy.onnxrt import cpu_name, physical_cores
 
     threads = args.threads or physical_cores()
     torch.set_num_threads(threads)
@@ -398,7 +398,7 @@ def run_gpu(args: argparse.Namespace) -> int:
     import timm
     import torch
 
-    from deploy.latency import bench_backends, format_table, torch_runner
+    from vitops.deploy.latency import bench_backends, format_table, torch_runner
 
     if not torch.cuda.is_available():
         print("--gpu needs a CUDA device; none found", file=sys.stderr)

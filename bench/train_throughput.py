@@ -59,7 +59,7 @@ def parse_args() -> argparse.Namespace:
 
 def write_data(root: Path, img_size: int, train_images: int) -> int:
     """A pre-split ImageFolder: `train_images` training digits, the rest split between val and test."""
-    from data_checks.sample import write_sample
+    from vitops.data_checks.sample import write_sample
 
     raw = root.parent / "raw"
     files = sorted(write_sample(raw, img_size=img_size))
@@ -81,7 +81,7 @@ def run_vitops(work: Path, data: Path, cfg: dict, args: argparse.Namespace, env:
     import yaml
     from safetensors.torch import save_file
 
-    from data_checks.manifest import scan_dataset, write_manifest
+    from vitops.data_checks.manifest import scan_dataset, write_manifest
 
     kwargs = {k: cfg[k] for k in ("patch_size", "depth") if cfg[k]}
     model = timm.create_model(cfg["model"], num_classes=10, img_size=cfg["img_size"], **kwargs)
@@ -106,7 +106,7 @@ def run_vitops(work: Path, data: Path, cfg: dict, args: argparse.Namespace, env:
         },
     }
     (work / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
-    cmd = [sys.executable, "-m", "flows.cli", "--params", str(work / "params.yaml"), "train", "--no-tracking"]
+    cmd = [sys.executable, "-m", "vitops", "--params", str(work / "params.yaml"), "train", "--no-tracking"]
     subprocess.run([*cmd, "--overwrite", "--device", args.device], check=True, env=env, cwd=work)
     ckpt = torch.load(work / "vitops-out" / "checkpoints" / "last.pt", weights_only=True)
     rates = [h["train_img_per_s"] for h in ckpt["state"]["history"]]
@@ -157,7 +157,7 @@ def flops_per_image(cfg: dict, device: str) -> float:
     import timm
     import torch
 
-    from deploy.roofline import model_flops
+    from vitops.deploy.roofline import model_flops
 
     kwargs = {k: cfg[k] for k in ("patch_size", "depth") if cfg[k]}
     model = timm.create_model(cfg["model"], num_classes=10, img_size=cfg["img_size"], **kwargs).to(device)

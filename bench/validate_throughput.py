@@ -75,7 +75,7 @@ def _children_cpu() -> float:
 
 def gate_cli(folder: Path, out: Path, workers: int) -> tuple[float, float]:
     """Wall and CPU seconds for `vitops validate` in a fresh process (exit code checked)."""
-    cmd = [sys.executable, "-m", "flows.cli", "validate", str(folder), "--workers", str(workers)]
+    cmd = [sys.executable, "-m", "vitops", "validate", str(folder), "--workers", str(workers)]
     cmd += ["--report", str(out / "report.json"), "--manifest", str(out / "manifest.csv")]
     env = {**os.environ, "GX_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true"}
     start, cpu = time.perf_counter(), _children_cpu()
@@ -90,8 +90,8 @@ _FRESH = """
 import sys, time
 start = time.perf_counter()
 from pathlib import Path
-from data_checks.gate import validate_folder
-from data_checks.suite import GateRules
+from vitops.data_checks.gate import validate_folder
+from vitops.data_checks.suite import GateRules
 folder, out, workers = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 report = validate_folder(folder, GateRules(min_width=8, min_height=8), {"train": 0.8, "val": 0.1, "test": 0.1},
                          out / "manifest-fresh.csv", out / "fresh" / "report.json", workers=workers)
@@ -116,9 +116,9 @@ def gate_in_process(folder: Path, out: Path, workers: int) -> tuple[float, float
     """Seconds for (whole gate, scan part, GX + report part) with imports already done."""
     import great_expectations  # noqa: F401 - imported before timing: this row measures the work itself
 
-    from data_checks.gate import run_gate, write_report
-    from data_checks.manifest import scan_dataset, write_manifest
-    from data_checks.suite import GateRules
+    from vitops.data_checks.gate import run_gate, write_report
+    from vitops.data_checks.manifest import scan_dataset, write_manifest
+    from vitops.data_checks.suite import GateRules
 
     start = time.perf_counter()
     manifest = scan_dataset(folder, {"train": 0.8, "val": 0.1, "test": 0.1}, workers=workers)

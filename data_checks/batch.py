@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from data_checks.suite import GateRules
+from vitops.data_checks.suite import GateRules
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -54,7 +54,7 @@ def scan_batch(root: Path, workers: int = 0, while_scanning: Any = None) -> pd.D
 
     # The walk, the parallel scan and the file-name check of the training manifest: one reader of image
     # folders, so a batch file is judged exactly as a training file would be.
-    from data_checks.manifest import COLUMNS, _printable, _scan_rows, _walk
+    from vitops.data_checks.manifest import COLUMNS, _printable, _scan_rows, _walk
 
     real_root = _check_root(root)
     rels = sorted(rel for rel, _ in _walk(Path(real_root), ""))
@@ -104,8 +104,8 @@ def check_batch(
     Returns:
         The report (see `validate_batch`), without the paths.
     """
-    from data_checks.gate import Runner, check_drift, check_files, file_reason, unevaluated
-    from data_checks.suite import add_check_columns, build_files_suite
+    from vitops.data_checks.gate import Runner, check_drift, check_files, file_reason, unevaluated
+    from vitops.data_checks.suite import add_check_columns, build_files_suite
 
     if not rules.classes:
         raise BatchError("a pilot batch is checked against the model's classes: give them in GateRules.classes")
@@ -222,8 +222,8 @@ def validate_batch(
         FileNotFoundError, NotADirectoryError: `root` (or `reference_path`) is missing, or `root` is a file.
         BatchError: the batch holds no files, `rules.classes` is empty, or an output lies inside the batch.
     """
-    from data_checks.gate import _import_gx, write_report
-    from data_checks.manifest import read_manifest, write_manifest
+    from vitops.data_checks.gate import _import_gx, write_report
+    from vitops.data_checks.manifest import read_manifest, write_manifest
 
     real_root = Path(_check_root(root))
     report_path, manifest_path = Path(report_path), Path(manifest_path)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from data_checks.suite import (
+from vitops.data_checks.suite import (
     GateRules,
     add_check_columns,
     build_classes_suite,
@@ -374,7 +374,7 @@ def validate_folder(
     Returns:
         The report, with `data_root`, `manifest` and `reference` added.
     """
-    from data_checks.manifest import read_manifest, scan_dataset, write_manifest
+    from vitops.data_checks.manifest import read_manifest, scan_dataset, write_manifest
 
     reference = read_manifest(reference_path) if reference_path else None
     # Importing GX takes seconds; do it while the scanner processes decode images.

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from data_checks.images import STAT_COLUMNS, empty_row, scan_files
+from vitops.data_checks.images import STAT_COLUMNS, empty_row, scan_files
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -211,7 +211,7 @@ def _printable(rel: str, row: dict[str, Any]) -> str:
 
 def write_manifest(manifest: pd.DataFrame, path: Path) -> Path:
     """Write a manifest CSV (UTF-8) atomically, creating its folder: an interrupted scan keeps the old one."""
-    from common.files import atomic_write
+    from vitops.common.files import atomic_write
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -111,8 +111,8 @@ def write_line_batch(
 
     from sklearn.datasets import load_digits
 
-    from data_checks.batch import UNLABELLED
-    from data_checks.manifest import split_by_hash
+    from vitops.data_checks.batch import UNLABELLED
+    from vitops.data_checks.manifest import split_by_hash
 
     if not 0.0 <= labelled_share <= 1.0:
         raise SampleError(f"--labelled-share {labelled_share} is out of range: give a share between 0 and 1")

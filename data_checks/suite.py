@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from data_checks.images import STAT_COLUMNS
+from vitops.data_checks.images import STAT_COLUMNS
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.files import atomic_write_bytes
+from vitops.common.files import atomic_write_bytes
 
 META_SUFFIX = ".json"
 

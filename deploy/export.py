@@ -20,9 +20,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from common.files import atomic_copy, sha256_file, utc_now
-from deploy.engine_meta import EngineMeta, vitops_version, write_meta
-from deploy.parity import ParityReport, compare_logits, require_parity, torch_logits
+from vitops.common.files import atomic_copy, sha256_file, utc_now
+from vitops.deploy.engine_meta import EngineMeta, vitops_version, write_meta
+from vitops.deploy.parity import ParityReport, compare_logits, require_parity, torch_logits
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def export_checked(
     """
     import onnxruntime as ort
 
-    from deploy.onnxrt import create_session, session_logits
+    from vitops.deploy.onnxrt import create_session, session_logits
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass
 
-from deploy.kpi import Check, KpiError
+from vitops.deploy.kpi import Check, KpiError
 
 PASSED, BREACH, INCONCLUSIVE = "passed", "breach", "inconclusive"
 _SALT = b"vitops-canary:"  # routing must not follow the train/val/test split, which uses the hash's first bits

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from common.files import atomic_write
-from deploy.kpi import Check, GateDecision, ModelKpis, Uplift
+from vitops.common.files import atomic_write
+from vitops.deploy.kpi import Check, GateDecision, ModelKpis, Uplift
 
 _COLUMNS = ["KPI", "candidate", "reference", "threshold", "verdict"]
 _COLOURS = ("tab:blue", "tab:orange")

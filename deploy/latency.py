@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from common.files import atomic_write_bytes, utc_now
-from deploy.timing import Runner, percentiles_ms, time_in_turns
+from vitops.common.files import atomic_write_bytes, utc_now
+from vitops.deploy.timing import Runner, percentiles_ms, time_in_turns
 
 
 @dataclass
@@ -221,7 +221,7 @@ def torch_runner(model: Any, device: str = "cpu", compile: bool = False, threads
 
 def ort_runner(path: Path, threads: int = 0) -> Runner:
     """A runner for an ONNX Runtime CPU engine; `threads` 0 = the count tuned when the engine was built."""
-    from deploy.onnxrt import session_runner
+    from vitops.deploy.onnxrt import session_runner
 
     return session_runner(path, threads)
 
@@ -229,7 +229,7 @@ def ort_runner(path: Path, threads: int = 0) -> Runner:
 def ov_runner(path: Path, threads: int = 0) -> Runner:
     """A runner for an OpenVINO CPU engine (checked against this CPU and OpenVINO version first); `threads` 0 =
     the count tuned when the engine was built."""
-    from deploy.openvino import load_ov_engine
+    from vitops.deploy.openvino import load_ov_engine
 
     return load_ov_engine(path, threads)
 
@@ -238,7 +238,7 @@ def trt_runner(path: Path) -> Runner:
     """A runner for a TensorRT engine (checked against this GPU and TensorRT version first)."""
     import torch
 
-    from deploy.tensorrt import load_trt_engine
+    from vitops.deploy.tensorrt import load_trt_engine
 
     run_engine = load_trt_engine(path)
 

@@ -26,9 +26,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from common.files import atomic_copy, sha256_file, utc_now
-from deploy.engine_meta import EngineMeta, vitops_version, write_meta
-from deploy.parity import ParityReport, compare_logits, require_parity, run_batched
+from vitops.common.files import atomic_copy, sha256_file, utc_now
+from vitops.deploy.engine_meta import EngineMeta, vitops_version, write_meta
+from vitops.deploy.parity import ParityReport, compare_logits, require_parity, run_batched
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def create_session(path: Path, threads: int = 0, opt_level: OptLevel = "all") ->
 def engine_threads(path: Path) -> int:
     """The intra-op thread count an engine was tuned for at build time (`vitops build`); 0 when it has none
     (no metadata, or built before tuning existed), which `create_session` reads as one per physical core."""
-    from deploy.engine_meta import EngineMismatchError, meta_path, read_meta
+    from vitops.deploy.engine_meta import EngineMismatchError, meta_path, read_meta
 
     if not meta_path(Path(path)).is_file():
         return 0
@@ -329,7 +329,7 @@ def build_ort_engine(
     """
     import onnxruntime as ort
 
-    from deploy.timing import thread_candidates, tune_threads
+    from vitops.deploy.timing import thread_candidates, tune_threads
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -39,9 +39,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from common.files import atomic_copy, sha256_file, utc_now
-from deploy.engine_meta import EngineMeta, check_compatible, read_meta, vitops_version, write_meta
-from deploy.parity import ParityReport, compare_logits, require_parity, run_batched
+from vitops.common.files import atomic_copy, sha256_file, utc_now
+from vitops.deploy.engine_meta import EngineMeta, check_compatible, read_meta, vitops_version, write_meta
+from vitops.deploy.parity import ParityReport, compare_logits, require_parity, run_batched
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +206,8 @@ def build_ov_engine(
     Raises:
         ParityError: the engine disagrees with PyTorch; nothing is written and an older engine stays.
     """
-    from deploy.onnxrt import physical_cores
-    from deploy.timing import thread_candidates, tune_threads
+    from vitops.deploy.onnxrt import physical_cores
+    from vitops.deploy.timing import thread_candidates, tune_threads
 
     runtime = runtime or runtime_meta()
     out = Path(out)

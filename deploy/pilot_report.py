@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deploy.kpi import Check
-from deploy.kpi_report import pyplot, save_figure
+from vitops.deploy.kpi import Check
+from vitops.deploy.kpi_report import pyplot, save_figure
 
 
 @dataclass

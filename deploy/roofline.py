@@ -85,12 +85,12 @@ def gemm_peak_gflops(backend: str = "torch", threads: int = 0, n: int = 2048, re
         n: matrix side; 2048 is large enough to reach peak on CPUs, use 8192 on GPUs.
         repeats: timed products; the fastest counts.
     """
-    from deploy.timing import time_in_turns
+    from vitops.deploy.timing import time_in_turns
 
     flops = 2.0 * n**3
     a = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
     if backend == "onnxruntime":
-        from deploy.onnxrt import create_session
+        from vitops.deploy.onnxrt import create_session
 
         with tempfile.TemporaryDirectory(prefix="vitops-peak-") as tmp:
             path = Path(tmp) / "matmul.onnx"

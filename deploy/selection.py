@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.files import atomic_write_json, utc_now
-from deploy.parity import ParityError
+from vitops.common.files import atomic_write_json, utc_now
+from vitops.deploy.parity import ParityError
 
 SELECTION_FILE = "selection.json"
 
@@ -101,7 +101,7 @@ def time_candidates(runners: dict[str, Callable[[Any], Any]], image: Any, iters:
     rounds of `iters` calls, so that a slow spell of a shared CPU hits every engine alike."""
     import numpy as np
 
-    from deploy.timing import time_in_turns
+    from vitops.deploy.timing import time_in_turns
 
     for run in runners.values():
         for _ in range(5):

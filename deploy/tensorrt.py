@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from common.files import atomic_write_bytes, sha256_file, utc_now
-from deploy.engine_meta import (
+from vitops.common.files import atomic_write_bytes, sha256_file, utc_now
+from vitops.deploy.engine_meta import (
     EngineMeta,
     check_compatible,
     load_timing_cache,

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from flows.config import Params
+from vitops.flows.config import Params
 
 log = logging.getLogger(__name__)
 
@@ -18,8 +18,8 @@ class EngineInputError(ValueError):
 
 def validation_images(params: Params, meta: Any, limit: int) -> Any:
     """Preprocessed validation images (a float tensor N, C, H, W) for parity gates and INT8 calibration."""
-    from data_checks.manifest import load_usable
-    from vit.data import load_split_tensors
+    from vitops.data_checks.manifest import load_usable
+    from vitops.vit.data import load_split_tensors
 
     manifest, report = Path(params.validate_.manifest), Path(params.validate_.report)
     if not manifest.is_file():
@@ -33,10 +33,10 @@ def validation_images(params: Params, meta: Any, limit: int) -> Any:
 
 def export_checked_model(params: Params, model_dir: Path, out: Path, exporter: str | None = None) -> Any:
     """Export to ONNX behind the parity gate; returns a `flows.stages.ExportResult`."""
-    from common.files import sha256_file
-    from deploy.export import export_checked
-    from flows.stages import ExportResult
-    from vit.bundle import WEIGHTS_FILE, load_bundle
+    from vitops.common.files import sha256_file
+    from vitops.deploy.export import export_checked
+    from vitops.flows.stages import ExportResult
+    from vitops.vit.bundle import WEIGHTS_FILE, load_bundle
 
     model, meta = load_bundle(model_dir)
     images = validation_images(params, meta, params.export.parity_images)
@@ -56,9 +56,9 @@ def export_checked_model(params: Params, model_dir: Path, out: Path, exporter: s
 
 def onnx_is_current(onnx_path: Path, model_dir: Path, params: Params) -> bool:
     """Whether `onnx_path` was exported from these weights at the configured opset and is unchanged since."""
-    from common.files import sha256_file
-    from deploy.engine_meta import EngineMismatchError, read_meta
-    from vit.bundle import WEIGHTS_FILE
+    from vitops.common.files import sha256_file
+    from vitops.deploy.engine_meta import EngineMismatchError, read_meta
+    from vitops.vit.bundle import WEIGHTS_FILE
 
     if not onnx_path.is_file():
         return False
@@ -83,9 +83,9 @@ def build_engines(
     are timed at batch 1 and the fastest that agrees enough is chosen (`selection.json`). An explicit target
     builds its own engines and stops at the first gate that says no.
     """
-    from deploy.engine_meta import read_meta
-    from deploy.tensorrt import choose_target, tensorrt_status
-    from flows.stages import BuildResult, ExportResult
+    from vitops.deploy.engine_meta import read_meta
+    from vitops.deploy.tensorrt import choose_target, tensorrt_status
+    from vitops.flows.stages import BuildResult, ExportResult
 
     requested = target or params.engine.target
     available, reason = tensorrt_status() if requested in ("auto", "tensorrt") else (False, "")
@@ -131,8 +131,8 @@ def _build_cpu(
 ) -> tuple[list[tuple[str, Path, dict]], dict[str, str], Any]:
     """Build the CPU engines of `target` (`onnxruntime`, `openvino` or `cpu`: both); returns (backend, path,
     parity) of each engine kept, for `cpu` why each other one was left out, and one parity image."""
-    from deploy.openvino import OpenVINOUnavailable
-    from deploy.parity import ParityError, torch_logits
+    from vitops.deploy.openvino import OpenVINOUnavailable
+    from vitops.deploy.parity import ParityError, torch_logits
 
     model, parity, calibration = _gate_inputs(model_dir, params)
     reference = torch_logits(model, parity)
@@ -169,8 +169,8 @@ def _build_cpu(
 def _ort_jobs(
     onnx_path: Path, params: Params, quantization: str, parity: Any, reference: Any, calibration: Any
 ) -> list[tuple[str, Any]]:
-    from deploy.onnxrt import QuantSettings, build_ort_engine
-    from flows.stages import ORT_FP32, ORT_INT8
+    from vitops.deploy.onnxrt import QuantSettings, build_ort_engine
+    from vitops.flows.stages import ORT_FP32, ORT_INT8
 
     e = params.engine
     jobs: list[tuple[str, Any]] = [
@@ -220,7 +220,7 @@ def _ov_jobs(
 ) -> tuple[list[tuple[str, Any]], dict[str, str]]:
     """One build per OpenVINO precision asked for (or, for `auto`, each this CPU runs natively), and why the
     others are left out. An explicit precision the CPU cannot run raises `OpenVINOUnavailable`."""
-    from deploy.openvino import PRECISIONS, build_ov_engine, make_plan, precision_support, runtime_meta
+    from vitops.deploy.openvino import PRECISIONS, build_ov_engine, make_plan, precision_support, runtime_meta
 
     e = params.engine
     runtime = runtime_meta()
@@ -266,9 +266,9 @@ def _select(
 
     import numpy as np
 
-    from common.files import sha256_file
-    from deploy.onnxrt import engine_threads
-    from deploy.selection import Candidate, choose_engine, time_candidates, write_selection
+    from vitops.common.files import sha256_file
+    from vitops.deploy.onnxrt import engine_threads
+    from vitops.deploy.selection import Candidate, choose_engine, time_candidates, write_selection
 
     e = params.engine
     image = np.ascontiguousarray(image[:1], np.float32)
@@ -293,14 +293,14 @@ def _select(
 def cpu_runner(backend: str, path: Path, threads: int = 0) -> Any:
     """A batch runner for a CPU engine by its backend name (`onnxruntime-*` or `openvino-*`); `threads` 0 = as
     tuned at build."""
-    from deploy.latency import ort_runner, ov_runner
+    from vitops.deploy.latency import ort_runner, ov_runner
 
     return ov_runner(path, threads) if backend.startswith("openvino") else ort_runner(path, threads)
 
 
 def _gate_inputs(model_dir: Path, params: Params) -> tuple[Any, Any, Any]:
     """The PyTorch model, its parity images and its INT8 calibration images (one read of the val split)."""
-    from vit.bundle import load_bundle
+    from vitops.vit.bundle import load_bundle
 
     model, meta = load_bundle(model_dir)
     images = validation_images(params, meta, max(params.export.parity_images, params.engine.calibration_images))
@@ -311,11 +311,11 @@ def _gate_inputs(model_dir: Path, params: Params) -> tuple[Any, Any, Any]:
 def _build_tensorrt(model_dir: Path, onnx_path: Path, params: Params, precision: str) -> tuple[Path, dict]:
     import torch
 
-    from deploy.engine_meta import meta_path
-    from deploy.onnxrt import QuantSettings, quantize_onnx
-    from deploy.parity import compare_logits, require_parity, torch_logits
-    from deploy.tensorrt import build_trt_engine, load_trt_engine, make_plan, runtime_meta
-    from flows.stages import TRT_DIR
+    from vitops.deploy.engine_meta import meta_path
+    from vitops.deploy.onnxrt import QuantSettings, quantize_onnx
+    from vitops.deploy.parity import compare_logits, require_parity, torch_logits
+    from vitops.deploy.tensorrt import build_trt_engine, load_trt_engine, make_plan, runtime_meta
+    from vitops.flows.stages import TRT_DIR
 
     e = params.engine
     runtime = runtime_meta()
@@ -355,7 +355,7 @@ def _build_tensorrt(model_dir: Path, onnx_path: Path, params: Params, precision:
 
 def engine_files(params: Params) -> dict[str, Path]:
     """Backend name -> engine file, for every engine the configured folder can hold."""
-    from flows.stages import ORT_FP32, ORT_INT8, OV_DIR, TRT_DIR
+    from vitops.flows.stages import ORT_FP32, ORT_INT8, OV_DIR, TRT_DIR
 
     root = params.engine.out_dir
     return {
@@ -373,7 +373,7 @@ def current_engines(files: dict[str, Path], onnx_sha: str | None) -> tuple[set[s
     """The backends whose engine file exists and was built from the current ONNX export (`onnx_sha`; None: no
     export to compare with), and a note for each one left out because it was built from another (an older
     model's engine that a later gate did not replace)."""
-    from deploy.engine_meta import EngineMismatchError, read_meta
+    from vitops.deploy.engine_meta import EngineMismatchError, read_meta
 
     current, notes = set(), []
     for name, path in files.items():
@@ -395,8 +395,8 @@ def bench_model(params: Params, model_dir: Path, out: Path, iters: int | None, d
     import numpy as np
     import torch
 
-    from common.files import sha256_file
-    from deploy.latency import (
+    from vitops.common.files import sha256_file
+    from vitops.deploy.latency import (
         bench_backends,
         bench_report,
         format_table,
@@ -406,11 +406,11 @@ def bench_model(params: Params, model_dir: Path, out: Path, iters: int | None, d
         trt_runner,
         write_report,
     )
-    from deploy.onnxrt import cpu_name, engine_threads, physical_cores
-    from deploy.roofline import achieved_gflops, model_flops
-    from deploy.timing import thread_candidates, tune_threads
-    from flows.stages import BenchOutcome
-    from vit.bundle import WEIGHTS_FILE, load_bundle
+    from vitops.deploy.onnxrt import cpu_name, engine_threads, physical_cores
+    from vitops.deploy.roofline import achieved_gflops, model_flops
+    from vitops.deploy.timing import thread_candidates, tune_threads
+    from vitops.flows.stages import BenchOutcome
+    from vitops.vit.bundle import WEIGHTS_FILE, load_bundle
 
     model, meta = load_bundle(model_dir)
     b = params.bench
@@ -489,7 +489,7 @@ def bench_model(params: Params, model_dir: Path, out: Path, iters: int | None, d
 def _target_engine(params: Params, onnx_sha: str | None, timed: set[str]) -> dict[str, str] | None:
     """The engine `vitops build` chose to serve with (`selection.json`), if it was made for the current ONNX
     export (`onnx_sha`) and was timed in this bench."""
-    from deploy.selection import read_selection
+    from vitops.deploy.selection import read_selection
 
     selection = read_selection(params.engine.out_dir, onnx_sha or "")
     if not selection or selection.get("chosen") not in timed:
@@ -498,7 +498,7 @@ def _target_engine(params: Params, onnx_sha: str | None, timed: set[str]) -> dic
 
 
 def _log_bench(params: Params, out: Path, table_file: Path, metrics: dict[str, float], track: bool) -> str | None:
-    from flows import tracking
+    from vitops.flows import tracking
 
     def _log(handle: Any) -> str:
         handle.log_metrics(metrics)

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.files import atomic_write_json, sha256_file
-from flows.config import Params, ParamsError
+from vitops.common.files import atomic_write_json, sha256_file
+from vitops.flows.config import Params, ParamsError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class RegisterResult:
 
 def prices_of(params: Params) -> Any:
     """`cost` of params.yaml as `deploy.kpi.Prices`; a missing section is a configuration error."""
-    from deploy.kpi import Prices
+    from vitops.deploy.kpi import Prices
 
     if params.cost is None:
         raise ParamsError(
@@ -90,7 +90,7 @@ def paired(candidate: Any, reference: Any, what: str) -> tuple[Any, Any]:
 def target_latency(bench_json: Path, weights_sha: str) -> Any:
     """The engine the version serves with, as `deploy.kpi.Latency`: the bench's target engine (the one `vitops
     build` chose, `selection.json`), else the fastest engine the bench timed."""
-    from deploy.kpi import Latency
+    from vitops.deploy.kpi import Latency
 
     if not bench_json.is_file():
         raise GateInputError(f"{bench_json}: no benchmark; run `vitops build` and `vitops bench` first")
@@ -116,8 +116,8 @@ def time_backend(params: Params, name: str, factory: Any, img_size: int) -> Any:
     """Batch-1 latency and throughput of one reference backend, timed now with the bench settings."""
     import numpy as np
 
-    from deploy.kpi import Latency
-    from deploy.latency import bench_backends
+    from vitops.deploy.kpi import Latency
+    from vitops.deploy.latency import bench_backends
 
     b = params.bench
     rng = np.random.default_rng(0)
@@ -141,9 +141,9 @@ def train_hours(meta: Any, what: str) -> float:
 
 
 def _baseline_reference(params: Params, prices: Any) -> tuple[Any, Any, None]:
-    from deploy.kpi import ModelKpis, cost_of
-    from deploy.latency import torch_runner
-    from vit.bundle import load_bundle
+    from vitops.deploy.kpi import ModelKpis, cost_of
+    from vitops.deploy.latency import torch_runner
+    from vitops.vit.bundle import load_bundle
 
     model_dir = params.baseline.out_dir / "model"
     preds = read_predictions(params.evaluate.out_dir / "baseline" / "predictions.csv")
@@ -162,11 +162,11 @@ def _champion_reference(params: Params, champion: Any, work: Path, prices: Any) 
     """Re-evaluate the champion on today's test split and re-time its serving engine on this machine."""
     import torch
 
-    from deploy.kpi import ModelKpis, cost_of
-    from deploy.latency import ort_runner
-    from flows import tracking
-    from flows.stages import predict_split
-    from vit.bundle import load_bundle
+    from vitops.deploy.kpi import ModelKpis, cost_of
+    from vitops.deploy.latency import ort_runner
+    from vitops.flows import tracking
+    from vitops.flows.stages import predict_split
+    from vitops.vit.bundle import load_bundle
 
     name = params.tracking.registered_model
     model_dir = tracking.download_model(f"models:/{name}/{champion.version}", work)
@@ -184,7 +184,7 @@ def _champion_reference(params: Params, champion: Any, work: Path, prices: Any) 
         ]
         latency = min(timed, key=lambda lat: lat.p50_ms)
     else:
-        from deploy.latency import torch_runner
+        from vitops.deploy.latency import torch_runner
 
         latency = time_backend(params, "torch-eager", lambda: torch_runner(model.cpu(), "cpu"), meta.img_size)
     hours = champion.tags.get("kpi.train_hours")
@@ -203,7 +203,7 @@ def _champion_reference(params: Params, champion: Any, work: Path, prices: Any) 
 
 def champion_version(params: Params) -> Any:
     """The registry's champion version, or None when the model or the alias does not exist yet."""
-    from flows import registry
+    from vitops.flows import registry
 
     try:
         return registry.version_info(params.tracking.registered_model, "champion")
@@ -216,7 +216,7 @@ def run_gate(params: Params, model_dir: Path, track: bool) -> GateResult:
     """Compute the KPIs, decide, write the report and decision.json, and log them to the candidate's run."""
     import tempfile
 
-    from deploy.kpi import (
+    from vitops.deploy.kpi import (
         GateRules,
         ModelKpis,
         check_accuracy,
@@ -227,9 +227,9 @@ def run_gate(params: Params, model_dir: Path, track: bool) -> GateResult:
         kpi_metrics,
         paired_uplift,
     )
-    from deploy.kpi_report import format_kpi_table, write_report
-    from flows import tracking
-    from vit.bundle import WEIGHTS_FILE, read_meta
+    from vitops.deploy.kpi_report import format_kpi_table, write_report
+    from vitops.flows import tracking
+    from vitops.vit.bundle import WEIGHTS_FILE, read_meta
 
     prices = prices_of(params)
     g = params.gate
@@ -313,7 +313,7 @@ def run_gate(params: Params, model_dir: Path, track: bool) -> GateResult:
 def _cross_check(checks: list[Any], uplift: Any, candidate: Any) -> None:
     """Hold the plain-threshold checks to MLflow's own `validate_evaluation_results` as well; a check passes only
     when both agree (they can differ only at a rounding edge, which is then failed and logged)."""
-    from flows import tracking
+    from vitops.flows import tracking
 
     tco = candidate.cost.monthly_tco
     values = {
@@ -363,10 +363,10 @@ def params_hash(params: Params) -> str:
 
 def run_register(params: Params, model_dir: Path, flow_run_id: str) -> RegisterResult:
     """Register the gated candidate; point `candidate` at it only when its gate passed."""
-    from deploy.engine_meta import read_meta as read_engine_meta
-    from flows import registry, tracking
-    from flows.engines import engine_files
-    from vit.bundle import WEIGHTS_FILE, read_meta
+    from vitops.deploy.engine_meta import read_meta as read_engine_meta
+    from vitops.flows import registry, tracking
+    from vitops.flows.engines import engine_files
+    from vitops.vit.bundle import WEIGHTS_FILE, read_meta
 
     meta = read_meta(model_dir)
     weights_sha = sha256_file(model_dir / WEIGHTS_FILE)

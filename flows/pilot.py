@@ -27,10 +27,10 @@ from prefect.input import RunInput
 from prefect.states import Completed, Failed
 from pydantic import Field
 
-from common.files import utc_now
-from flows import pilot_stages as ps
-from flows.config import DEFAULT_PARAMS, Params, load_params
-from flows.retrain import TRANSIENT
+from vitops.common.files import utc_now
+from vitops.flows import pilot_stages as ps
+from vitops.flows.config import DEFAULT_PARAMS, Params, load_params
+from vitops.flows.retrain import TRANSIENT
 
 # Named end states: bad news is Failed with its reasons, never a traceback.
 BATCH_REJECTED, REFUSED, BREACH = "Batch rejected", "Refused", "Guardrail breach"
@@ -74,7 +74,7 @@ def move_task(
     name: str, alias: str, version: str | None, expect: str | None, reason: str, run_id: str, override: bool = False
 ) -> Any:
     """A checked, recorded alias move."""
-    from flows import registry
+    from vitops.flows import registry
 
     return registry.move_alias(
         name, alias, version, expect=expect or "none", reason=reason, flow_run_id=run_id, override_gate=override
@@ -104,7 +104,7 @@ def pilot(
     """
     from prefect.runtime import flow_run
 
-    from flows import registry
+    from vitops.flows import registry
 
     params = load_params(params_file, must_exist=params_file != str(DEFAULT_PARAMS))
     if model_name:
@@ -136,7 +136,7 @@ def pilot(
 def _record(params: Params, stage: str, versions: ps.Versions, outcome: str, run_id: str, headline: str,
             result: Any, files: list[Path] | None = None, tags: dict[str, str] | None = None) -> str:  # fmt: skip
     """The stage's MLflow run and Prefect artifacts; the MLflow run id."""
-    from flows.pilot_records import publish, record_stage
+    from vitops.flows.pilot_records import publish, record_stage
 
     summary = result.summary if result is not None else None
     paths = result.files if result is not None else files
@@ -149,7 +149,7 @@ def _record(params: Params, stage: str, versions: ps.Versions, outcome: str, run
 def _shadow(params: Params, versions: ps.Versions, tags: dict[str, str], checked: ps.BatchCheck, out: Path,
             run_id: str) -> Any:  # fmt: skip
     """`tags`: the candidate's, as read before the stage (the gate override decides how `pilot` moves)."""
-    from flows import registry
+    from vitops.flows import registry
 
     result = shadow_task(params, versions, checked, out, run_id)
     agree = result.summary["agreement"]
@@ -177,7 +177,7 @@ def _overridden(tags: dict[str, str]) -> bool:
 def _canary(params: Params, versions: ps.Versions, tags: dict[str, str], checked: ps.BatchCheck, out: Path,
             run_id: str, skip: list[str], reason: str) -> Any:  # fmt: skip
     """`tags`: the candidate's, as read before the stage."""
-    from flows import registry
+    from vitops.flows import registry
 
     if not tags.get(ps.TAG_SHADOW_RUN) and ps.SHADOW not in skip:
         message = (f"version {versions.candidate} of {versions.name} has no shadow record: run stage=shadow first, "
@@ -213,8 +213,8 @@ def _promote(params: Params, versions: ps.Versions, skip: list[str], reason: str
     from prefect.exceptions import FlowPauseTimeout
     from prefect.flow_runs import pause_flow_run
 
-    from flows import registry
-    from flows.registry import MoveConflict, RegistryError
+    from vitops.flows import registry
+    from vitops.flows.registry import MoveConflict, RegistryError
 
     logger = get_run_logger()
     name, cand = versions.name, versions.candidate
@@ -267,7 +267,7 @@ def _promote(params: Params, versions: ps.Versions, skip: list[str], reason: str
 
 
 def _rollback(params: Params, reason: str, run_id: str) -> Any:
-    from flows import registry, tracking
+    from vitops.flows import registry, tracking
 
     tracking.configure(params.tracking.uri, params.tracking.experiment)
     name = params.tracking.registered_model

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from flows.retrain_records import artifact_key, mlflow_run_url
+from vitops.flows.retrain_records import artifact_key, mlflow_run_url
 
 STAGE_TAG, OUTCOME_TAG = "vitops.pilot.stage", "vitops.pilot.outcome"
 
@@ -44,7 +44,7 @@ def record_stage(
     tags: dict[str, str] | None = None,
 ) -> str:
     """Log one stage of a pilot as an MLflow run; its id."""
-    from flows import tracking
+    from vitops.flows import tracking
 
     tracking.configure(params.tracking.uri, params.tracking.experiment)
     run_tags = {

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.files import atomic_write_json, utc_now
-from flows.config import Params
+from vitops.common.files import atomic_write_json, utc_now
+from vitops.flows.config import Params
 
 SHADOW, CANARY, PROMOTE, ROLLBACK = "shadow", "canary", "promote", "rollback"
 STAGES = (SHADOW, CANARY, PROMOTE, ROLLBACK)
@@ -55,7 +55,7 @@ class Versions:
 
 def resolve_versions(params: Params, version: str) -> Versions:
     """The candidate (`candidate`, `@pilot`, or a number) and the current champion and pilot."""
-    from flows import registry, tracking
+    from vitops.flows import registry, tracking
 
     tracking.configure(params.tracking.uri, params.tracking.experiment)
     name = params.tracking.registered_model
@@ -66,7 +66,7 @@ def resolve_versions(params: Params, version: str) -> Versions:
 
 
 def _aliases(name: str) -> dict[str, str]:
-    from flows import registry
+    from vitops.flows import registry
 
     return registry.aliases(name)
 
@@ -91,8 +91,8 @@ class BatchCheck:
 
 def check_batch(params: Params, batch: Path, versions: Versions, out: Path) -> BatchCheck:
     """Run the batch through the data gate, against the candidate's classes and training manifest."""
-    from data_checks.batch import validate_batch
-    from data_checks.suite import GateRules
+    from vitops.data_checks.batch import validate_batch
+    from vitops.data_checks.suite import GateRules
 
     batch = Path(batch)
     classes = _classes(versions.name, versions.candidate)
@@ -134,7 +134,7 @@ def _classes(name: str, version: str) -> list[str]:
 
 def _training_manifest(params: Params, versions: Versions, out: Path) -> Path | None:
     """The candidate's training manifest as logged with its version, else this machine's, else None."""
-    from flows import registry
+    from vitops.flows import registry
 
     uri = registry.version_info(versions.name, versions.candidate).tags.get("validation.manifest")
     if uri:
@@ -173,7 +173,7 @@ def _load(name: str, version: str) -> Any:
 
     key = (mlflow.get_tracking_uri(), name, str(version))
     if key not in _LOADED:
-        from flows.tracking import TrackingError
+        from vitops.flows.tracking import TrackingError
 
         try:
             model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
@@ -199,7 +199,7 @@ def score(models: dict[str, tuple[str, Any]], root: Path, routes: dict[str, list
     import numpy as np
     from PIL import Image
 
-    from deploy.timing import settle
+    from vitops.deploy.timing import settle
 
     out = {role: Answers(role, version, _engine_name(model)) for role, (version, model) in models.items()}
     order = sorted({p for paths in routes.values() for p in paths})
@@ -234,7 +234,7 @@ def _engine_name(model: Any) -> str:
 
 
 def _latency(answers: Answers) -> tuple[float | None, float | None]:
-    from deploy.timing import percentiles_ms
+    from vitops.deploy.timing import percentiles_ms
 
     if not answers.seconds:
         return None, None
@@ -243,7 +243,7 @@ def _latency(answers: Answers) -> tuple[float | None, float | None]:
 
 
 def _accuracy(answers: Answers, truth: dict[str, str], confidence: float) -> Any:
-    from deploy.guardrails import accuracy
+    from vitops.deploy.guardrails import accuracy
 
     labelled = [(truth[p], lab) for p, lab in zip(answers.paths, answers.labels, strict=True) if truth.get(p)]
     return accuracy(sum(t == lab for t, lab in labelled), len(labelled), confidence)
@@ -264,7 +264,7 @@ def _measures(answers: Answers, truth: dict[str, str], confidence: float) -> dic
 
 
 def _rows(measures: dict[str, dict[str, Any]]) -> list[Any]:
-    from deploy.pilot_report import ModelRow
+    from vitops.deploy.pilot_report import ModelRow
 
     return [
         ModelRow(role, m["version"], m["engine"], m["images"], m["accuracy_text"], m["p50_ms"], m["p95_ms"])
@@ -337,9 +337,9 @@ def _context(params: Params, versions: Versions, batch: BatchCheck, flow_run_id:
 
 def shadow(params: Params, versions: Versions, batch: BatchCheck, out: Path, flow_run_id: str = "") -> StageResult:
     """Champion and candidate answer every usable image; only the champion's answers count."""
-    from deploy.guardrails import agreement
-    from deploy.kpi import paired_uplift
-    from deploy.pilot_report import write_grid, write_report
+    from vitops.deploy.guardrails import agreement
+    from vitops.deploy.kpi import paired_uplift
+    from vitops.deploy.pilot_report import write_grid, write_report
 
     p = params.pilot
     paths = [item["path"] for item in batch.usable]
@@ -398,8 +398,8 @@ def shadow(params: Params, versions: Versions, batch: BatchCheck, out: Path, flo
 
 def canary(params: Params, versions: Versions, batch: BatchCheck, out: Path, flow_run_id: str = "") -> StageResult:
     """A content-hash share of the batch goes to the candidate, the rest to the champion; then the guardrails."""
-    from deploy.guardrails import Guardrails, canary_verdict, check_canary, routes_to_candidate
-    from deploy.pilot_report import write_report
+    from vitops.deploy.guardrails import Guardrails, canary_verdict, check_canary, routes_to_candidate
+    from vitops.deploy.pilot_report import write_report
 
     p = params.pilot
     truth = {item["path"]: item["label"] for item in batch.usable}
@@ -527,7 +527,7 @@ def approval_tags(decision: str, approver: str, comment: str, flow_run_id: str) 
 
 def record_approval(versions: Versions, decision: str, approver: str, comment: str, flow_run_id: str) -> dict:
     """Write the decision onto the candidate version and return the tags as the registry now has them."""
-    from flows import registry
+    from vitops.flows import registry
 
     return registry.set_version_tags(
         versions.name, versions.candidate, approval_tags(decision, approver, comment, flow_run_id)
@@ -543,7 +543,7 @@ def promote_approved(
         PilotError: the registry holds no approval of this flow run for this version.
         MoveConflict: the champion moved since the pilot saw it (another promotion or a rollback won).
     """
-    from flows import registry
+    from vitops.flows import registry
 
     tags = registry.version_info(versions.name, versions.candidate).tags
     approval = {k: tags.get(f"approval.{k}", "") for k in APPROVAL_TAGS}

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flows.config import Params, ParamsError
+from vitops.flows.config import Params, ParamsError
 
 # Core fields deliberately not in params.yaml: set by the recipe itself, not by users.
 _NOT_PARAMS: dict[str, set[str]] = {"TrainConfig": set(), "AugmentParams": set(), "StandinSpec": {"embed_dim"}}
@@ -52,7 +52,7 @@ class Recipe:
 
 def recipe_for(params: Params, baseline: bool) -> Recipe:
     """The ViT fine-tuning recipe, or the CNN baseline's (the `train` settings with `baseline` overrides)."""
-    from vit.train import TrainConfig
+    from vitops.vit.train import TrainConfig
 
     t = params.train
     config = same_named(TrainConfig, t)
@@ -74,7 +74,7 @@ def recipe_for(params: Params, baseline: bool) -> Recipe:
 
 def load_rows(params: Params) -> Any:
     """The usable rows of the validated manifest (rejected files are skipped)."""
-    from data_checks.manifest import load_usable
+    from vitops.data_checks.manifest import load_usable
 
     manifest, report = Path(params.validate_.manifest), Path(params.validate_.report)
     if not manifest.is_file():

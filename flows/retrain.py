@@ -24,8 +24,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed
 
-from flows import stages
-from flows.config import DEFAULT_PARAMS, Params, load_params
+from vitops.flows import stages
+from vitops.flows.config import DEFAULT_PARAMS, Params, load_params
 
 TRANSIENT_RETRIES = 2
 # Named end states: a gate that says no is Failed with its reasons (never a traceback), a skip is Completed.
@@ -62,7 +62,7 @@ TRANSIENT = {"retries": TRANSIENT_RETRIES, "retry_delay_seconds": 5, "retry_cond
 @task(cache_policy=NO_CACHE, **TRANSIENT)
 def data_version_task(params: Params) -> str:
     """The DVC data version of the training data, pulled from the remote when it is not here."""
-    from flows.versioning import data_version, pull_data
+    from vitops.flows.versioning import data_version, pull_data
 
     raw = Path(params.data.raw_dir)
     if not raw.is_dir() or not any(raw.iterdir()):
@@ -81,7 +81,7 @@ def train_task(params: Params, baseline: bool, nproc_per_node: int, params_file:
     """Fine-tune the ViT (or train the CNN baseline); several GPUs through torchrun when asked."""
     if nproc_per_node <= 1 or baseline:
         return stages.train(params, baseline=baseline, overwrite=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}", "-m", "flows.cli"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}", "-m", "vitops"]
     subprocess.run([*cmd, "--params", params_file, "train", "--overwrite"], check=True)
     return Path(params.train.out_dir) / "model"
 
@@ -172,11 +172,11 @@ def retrain(
 def _retrain(params: Params, params_file: str, force: bool, nproc_per_node: int) -> Any:
     from prefect.runtime import flow_run
 
-    from deploy.parity import ParityError
-    from flows import tracking
-    from flows.kpis import params_hash
-    from flows.retrain_records import last_success, publish_artifacts, record_outcome
-    from flows.versioning import code_version
+    from vitops.deploy.parity import ParityError
+    from vitops.flows import tracking
+    from vitops.flows.kpis import params_hash
+    from vitops.flows.retrain_records import last_success, publish_artifacts, record_outcome
+    from vitops.flows.versioning import code_version
 
     logger = get_run_logger()
     name = params.tracking.registered_model
@@ -240,6 +240,6 @@ def _needs_baseline(params: Params) -> bool:
         return True  # compared with it, or distilled from it
     if params.gate.reference == "champion":
         return False
-    from flows.kpis import champion_version
+    from vitops.flows.kpis import champion_version
 
     return champion_version(params) is None

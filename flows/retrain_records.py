@@ -13,7 +13,7 @@ INPUT_TAGS = ("data_version", "params_hash", "code_version")
 
 def last_success(model: str) -> dict[str, Any] | None:
     """The newest retrain of `model` whose gate passed: its run id, registered version and recorded inputs."""
-    from flows import tracking
+    from vitops.flows import tracking
 
     runs = tracking.find_runs(
         f"tags.`vitops.model` = '{model}' AND tags.`{OUTCOME_TAG}` = 'passed' AND attributes.status = 'FINISHED'"

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.files import atomic_write_json, sha256_file
-from flows.config import Params
-from flows.recipe import load_rows, recipe_for, same_named
+from vitops.common.files import atomic_write_json, sha256_file
+from vitops.flows.config import Params
+from vitops.flows.recipe import load_rows, recipe_for, same_named
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,8 @@ def validate(
     workers: int | None = None,
 ) -> ValidateResult:
     """Scan the dataset into a manifest and run the Great Expectations gate (nothing is moved or changed)."""
-    from data_checks.gate import validate_folder
-    from data_checks.suite import GateRules
+    from vitops.data_checks.gate import validate_folder
+    from vitops.data_checks.suite import GateRules
 
     v = params.validate_
     data = Path(data or params.data.raw_dir)
@@ -117,8 +117,8 @@ def pretrain_standin(
     params: Params, out: Path | None = None, images: int | None = None, epochs: int | None = None
 ) -> PretrainResult:
     """Pretrain the stand-in "external" checkpoint of the offline quickstart (not public weights)."""
-    from vit.standin import StandinSpec
-    from vit.standin import pretrain_standin as _pretrain
+    from vitops.vit.standin import StandinSpec
+    from vitops.vit.standin import pretrain_standin as _pretrain
 
     p = params.pretrain
     spec = StandinSpec(**same_named(StandinSpec, p))
@@ -163,7 +163,7 @@ def train(
 ) -> TrainResult:
     """Fine-tune the ViT (or train the CNN baseline) on the validated data; write OUT_DIR/model, checkpoints and
     train_metrics.json; log the run to MLflow. Under torchrun every rank calls this; only rank 0 writes."""
-    from flows.training import run_training
+    from vitops.flows.training import run_training
 
     recipe = recipe_for(params, baseline)
     if source:
@@ -209,9 +209,9 @@ def evaluate(
     (one row per image, for paired comparisons), confusion.json and plots; logged into the model's training run."""
     import torch
 
-    from flows import tracking
-    from vit.bundle import load_bundle
-    from vit.evaluate import compute_metrics, confusion, plot_confusion, plot_reliability
+    from vitops.flows import tracking
+    from vitops.vit.bundle import load_bundle
+    from vitops.vit.evaluate import compute_metrics, confusion, plot_confusion, plot_reliability
 
     kind = "baseline" if baseline else "vit"
     model_dir = Path(model_dir or (params.baseline.out_dir if baseline else params.train.out_dir) / "model")
@@ -247,8 +247,8 @@ def predict_split(params: Params, model: Any, meta: Any, split: str, root: Path,
     """Probabilities, labels and image paths of one split of the validated data."""
     from torch.utils.data import DataLoader
 
-    from vit.data import create_dataset
-    from vit.evaluate import predict
+    from vitops.vit.data import create_dataset
+    from vitops.vit.evaluate import predict
 
     dataset = create_dataset(root, load_rows(params), meta, split, cache=False)
     loader = DataLoader(dataset, batch_size=params.train.batch_size, num_workers=params.train.workers)
@@ -260,7 +260,7 @@ def write_predictions(path: Path, paths: list[str], labels: Any, probs: Any, cla
     """One row per image: path, label, prediction, confidence, correct (the input of paired comparisons)."""
     import pandas as pd
 
-    from common.files import atomic_write
+    from vitops.common.files import atomic_write
 
     pred = probs.argmax(axis=1)
     frame = pd.DataFrame(
@@ -291,7 +291,7 @@ def export(
     params: Params, model_dir: Path | None = None, out: Path | None = None, exporter: str | None = None
 ) -> ExportResult:
     """Export a model folder to ONNX and hold it to the parity gate; a failing gate leaves no file."""
-    from flows.engines import export_checked_model
+    from vitops.flows.engines import export_checked_model
 
     return export_checked_model(params, model_folder(model_dir, params), Path(out or params.export.out), exporter)
 
@@ -317,7 +317,7 @@ def build(
     """Engines for the target (TensorRT on NVIDIA GPUs, ONNX Runtime and OpenVINO on CPUs), each behind its parity
     gate; exports first when the ONNX file is missing or stale. `auto` without CUDA builds every CPU engine this
     machine runs, says so (`notice`), and chooses the fastest that agrees enough (`selection`)."""
-    from flows.engines import build_engines
+    from vitops.flows.engines import build_engines
 
     return build_engines(params, model_folder(model_dir, params), target, precision, quantization)
 
@@ -342,7 +342,7 @@ def bench(
 ) -> BenchOutcome:
     """Time torch and every built engine, like with like (on a GPU machine: torch CUDA against TensorRT, torch CPU
     against ONNX Runtime); write the JSON and table; log to MLflow (a new run with `track`, else an open one)."""
-    from flows.engines import bench_model
+    from vitops.flows.engines import bench_model
 
     return bench_model(params, model_folder(model_dir, params), Path(out or params.bench.out), iters, device, track)
 
@@ -364,7 +364,7 @@ def gate(params: Params, model_dir: Path | None = None, track: bool = True) -> A
     """The three-KPI gate of a candidate against the champion (re-evaluated on today's test split) or the CNN
     baseline: accuracy uplift with its interval, latency on the target engine, monthly TCO. Returns a
     `flows.kpis.GateResult`; writes the report and `decision.json` beside it."""
-    from flows.kpis import run_gate
+    from vitops.flows.kpis import run_gate
 
     return run_gate(params, model_folder(model_dir, params), track)
 
@@ -373,6 +373,6 @@ def register(params: Params, model_dir: Path | None = None, flow_run_id: str = "
     """Register the gated candidate as a new version of `tracking.registered_model` (every evaluated candidate,
     so the history is complete) and point `candidate` at it only when the gate passed. Returns a
     `flows.kpis.RegisterResult`."""
-    from flows.kpis import run_register
+    from vitops.flows.kpis import run_register
 
     return run_register(params, model_folder(model_dir, params), flow_run_id)

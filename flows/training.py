@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.files import atomic_write_json
-from flows.config import Params
-from flows.recipe import Recipe, load_rows, same_named
+from vitops.common.files import atomic_write_json
+from vitops.flows.config import Params
+from vitops.flows.recipe import Recipe, load_rows, same_named
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def resolve_source(source: str, work: Path) -> str:
     """`mlflow:models:/...` becomes `file:<downloaded model folder>`; other sources pass through."""
     if not source.startswith("mlflow:"):
         return source
-    from flows.tracking import download_model
+    from vitops.flows.tracking import download_model
 
     return f"file:{download_model(source.removeprefix('mlflow:'), work)}"
 
@@ -43,8 +43,8 @@ def load_teacher_model(source: str | None, classes: list[str], meta: Any, work: 
     its weights, or (None, None) without one."""
     if not source:
         return None, None
-    from vit.bundle import WEIGHTS_FILE
-    from vit.distill import DistillError, load_teacher
+    from vitops.vit.bundle import WEIGHTS_FILE
+    from vitops.vit.distill import DistillError, load_teacher
 
     resolved = resolve_source(source, work)
     if not resolved.startswith("file:"):
@@ -72,12 +72,12 @@ def run_training(
     """Train `recipe` and return a `flows.stages.TrainResult`."""
     import torch
 
-    from flows import tracking
-    from flows.stages import TrainResult
-    from vit.data import AugmentParams, class_names, create_dataset, resolve_meta
-    from vit.distributed import close_distributed, init_distributed
-    from vit.sources import create_model
-    from vit.train import TrainConfig, fit
+    from vitops.flows import tracking
+    from vitops.flows.stages import TrainResult
+    from vitops.vit.data import AugmentParams, class_names, create_dataset, resolve_meta
+    from vitops.vit.distributed import close_distributed, init_distributed
+    from vitops.vit.sources import create_model
+    from vitops.vit.train import TrainConfig, fit
 
     cfg = TrainConfig(**recipe.config)
     baseline = recipe.kind == "baseline"
@@ -163,7 +163,7 @@ def run_training(
             )
 
         def write_outputs(result: Any, seconds: float) -> Path:
-            from vit.bundle import save_bundle
+            from vitops.vit.bundle import save_bundle
 
             device_hours = seconds * dist.world_size / 3600
             meta.extra.update(best_epoch=result.best_epoch, epochs_run=result.epochs_run, **result.best)
@@ -206,7 +206,7 @@ def run_training(
 
 def _data_version(root: Path) -> str | None:
     try:
-        from flows.versioning import data_version
+        from vitops.flows.versioning import data_version
 
         return data_version(root)
     except Exception as err:  # no DVC repo, no .dvc file: record as unknown rather than fail training

@@ -118,7 +118,7 @@ def plan_import(src: Path, raw_dir: Path) -> ImportPlan:
         data_checks.manifest.LayoutError: if `src` mixes layouts, or its layout differs from the data already there.
         ImportConflictError: if files at the same path differ.
     """
-    from data_checks.manifest import LayoutError, list_entries
+    from vitops.data_checks.manifest import LayoutError, list_entries
 
     src = Path(src)
     if not src.is_dir():
@@ -163,7 +163,7 @@ def plan_import(src: Path, raw_dir: Path) -> ImportPlan:
 
 
 def _layout_of(root: Path) -> str:
-    from data_checks.manifest import detect_layout
+    from vitops.data_checks.manifest import detect_layout
 
     return detect_layout(root)
 

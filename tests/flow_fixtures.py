@@ -27,8 +27,8 @@ def _git(repo: Path, *args: str) -> None:
 
 def make_project(root: Path, model: str, images: int = 60) -> Path:
     """Write the project under `root` (data imported with `vitops data import`); returns its params.yaml."""
-    from data_checks.sample import write_sample
-    from flows.cli import main
+    from vitops.data_checks.sample import write_sample
+    from vitops.flows.cli import main
 
     root.mkdir(parents=True, exist_ok=True)
     _git(root, "init", "-q", "-b", "main")

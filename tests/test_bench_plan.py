@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from deploy.latency import plan_bench
+from vitops.deploy.latency import plan_bench
 
 ALL = {"onnxruntime-fp32", "onnxruntime-int8", "tensorrt-fp16", "tensorrt-int8"}
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from data_fixtures import write_clean
 
-from flows import data_commands
-from flows.cli import main
+from vitops.flows.cli import data as data_commands
+from vitops.flows.cli import main
 
 
 def test_ok_is_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

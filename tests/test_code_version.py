@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from flows.versioning import code_version
+from vitops.flows.versioning import code_version
 
 
 def _git(repo: Path, *args: str) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.cli import main
-from flows.config import Params, ParamsError, load_params, parse_params
+from vitops.flows.cli import main
+from vitops.flows.config import Params, ParamsError, load_params, parse_params
 
 
 def test_shipped_params_file_loads_and_matches_code_defaults(repo_root: Path) -> None:

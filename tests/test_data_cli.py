@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from data_fixtures import write_clean
 
-from data_checks.manifest import load_usable
-from flows.cli import main
+from vitops.data_checks.manifest import load_usable
+from vitops.flows.cli import main
 
 
 def test_validate_sample_passes_and_writes_manifest_report_and_docs(tmp_path: Path, capsys) -> None:

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from data_fixtures import build_leaky, build_planted, tree_digest, write_clean
 
-from data_checks.gate import run_gate, validate_folder
-from data_checks.manifest import load_usable, read_manifest, scan_dataset
-from data_checks.sample import write_sample
-from data_checks.suite import GateRules
+from vitops.data_checks.gate import run_gate, validate_folder
+from vitops.data_checks.manifest import load_usable, read_manifest, scan_dataset
+from vitops.data_checks.sample import write_sample
+from vitops.data_checks.suite import GateRules
 
 FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 RULES = GateRules(

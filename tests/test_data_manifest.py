@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from data_fixtures import write_clean, write_png
 
-from data_checks.manifest import (
+from vitops.data_checks.manifest import (
     COLUMNS,
     LayoutError,
     load_usable,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import ParamsError, load_params, parse_params
+from vitops.flows.config import ParamsError, load_params, parse_params
 
 
 def test_shipped_params_yaml_loads(repo_root: Path) -> None:

@@ -8,7 +8,7 @@ import pytest
 from data_fixtures import tree_digest
 from PIL import Image
 
-from data_checks.sample import SampleError, write_sample
+from vitops.data_checks.sample import SampleError, write_sample
 
 
 def test_sample_is_deterministic_balanced_and_rewritable(tmp_path: Path) -> None:

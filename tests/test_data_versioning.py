@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from data_fixtures import tree_digest, write_clean, write_png
 
-from data_checks.sample import write_sample
-from flows.cli import main
-from flows.versioning import data_version, list_versions
+from vitops.data_checks.sample import write_sample
+from vitops.flows.cli import main
+from vitops.flows.versioning import data_version, list_versions
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -117,7 +117,7 @@ def test_conflicts_and_mixed_layouts_are_refused_before_copying(
 
 
 def test_pre_split_source_keeps_its_layout(tmp_path: Path) -> None:
-    from flows.versioning import plan_import
+    from vitops.flows.versioning import plan_import
 
     src = tmp_path / "src"
     write_clean(src / "train", {"a": 2}, seed=10)

@@ -6,11 +6,11 @@ import dataclasses
 
 import pytest
 
-from flows.config import Params, PretrainParams, TrainParams
-from flows.recipe import same_named
-from vit.data import AugmentParams
-from vit.standin import StandinSpec
-from vit.train import TrainConfig
+from vitops.flows.config import Params, PretrainParams, TrainParams
+from vitops.flows.recipe import same_named
+from vitops.vit.data import AugmentParams
+from vitops.vit.standin import StandinSpec
+from vitops.vit.train import TrainConfig
 
 PAIRS = [(TrainConfig, TrainParams), (AugmentParams, TrainParams), (StandinSpec, PretrainParams)]
 

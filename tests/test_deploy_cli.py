@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from flows.cli import main
-from vit.bundle import ModelMeta, save_bundle
+from vitops.flows.cli import main
+from vitops.vit.bundle import ModelMeta, save_bundle
 
 NO_CUDA = not torch.cuda.is_available()
 
@@ -36,7 +36,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture()
 def params_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     images = torch.from_numpy(np.random.default_rng(0).standard_normal((48, 3, 32, 32), dtype=np.float32))
-    monkeypatch.setattr("flows.engines.validation_images", lambda params, meta, limit: images[:limit])
+    monkeypatch.setattr("vitops.flows.engines.validation_images", lambda params, meta, limit: images[:limit])
     raw = {
         "validate": {"manifest": str(tmp_path / "manifest.csv"), "report": str(tmp_path / "report.json")},
         "export": {"out": str(tmp_path / "engines" / "model.onnx"), "parity_images": 32},
@@ -111,7 +111,7 @@ def test_build_then_bench_writes_engines_json_and_table(
 
 
 def _capabilities() -> list[str]:
-    from deploy.openvino import ov_status
+    from vitops.deploy.openvino import ov_status
 
     return ov_status()[1]
 
@@ -119,25 +119,27 @@ def _capabilities() -> list[str]:
 @pytest.fixture()
 def no_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     """This CPU as OpenVINO would see it without native BF16 (whatever the machine has)."""
-    import deploy.openvino
 
-    real = deploy.openvino.ov_status
-    monkeypatch.setattr(deploy.openvino, "ov_status", lambda: (real()[0], ["FP32", "INT8", "BIN", "EXPORT_IMPORT"]))
+    from vitops.deploy import openvino
+
+    real = openvino.ov_status
+    monkeypatch.setattr(openvino, "ov_status", lambda: (real()[0], ["FP32", "INT8", "BIN", "EXPORT_IMPORT"]))
 
 
 @pytest.mark.usefixtures("no_bf16")
 def test_auto_without_bf16_skips_it_and_bench_and_kpi_use_the_chosen_engine(
     model_dir: Path, params_file: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import deploy.timing
-    from common.files import sha256_file
-    from flows.kpis import target_latency
+    from vitops.common.files import sha256_file
+    from vitops.flows.kpis import target_latency
 
     def fake_turns(runners: dict, image: np.ndarray, blocks: list[int]) -> dict[str, list[float]]:
         # as if OpenVINO FP32 were the fastest at build: 1 ms against 5 ms for every other engine
         return {name: [0.001 if name == "openvino-fp32" else 0.005] * sum(blocks) for name in runners}
 
-    monkeypatch.setattr(deploy.timing, "time_in_turns", fake_turns)
+    from vitops.deploy import timing
+
+    monkeypatch.setattr(timing, "time_in_turns", fake_turns)
     assert main(["--params", str(params_file), "build", str(model_dir), "--target", "auto"]) == 0
     out = capsys.readouterr().out
     assert "openvino-bf16 not built: this CPU has no native BF16" in out
@@ -210,8 +212,8 @@ def test_export_failing_parity_is_a_clear_error_and_writes_nothing(
 
 
 def test_missing_validation_data_names_the_manifest(tmp_path: Path) -> None:
-    from flows.config import parse_params
-    from flows.engines import EngineInputError, validation_images
+    from vitops.flows.config import parse_params
+    from vitops.flows.engines import EngineInputError, validation_images
 
     params = parse_params({"validate": {"manifest": str(tmp_path / "none.csv")}})
     with pytest.raises(EngineInputError, match="none.csv: no manifest; run `vitops validate` first"):

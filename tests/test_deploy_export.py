@@ -10,10 +10,10 @@ import onnx
 import pytest
 import torch
 
-from deploy.engine_meta import read_meta
-from deploy.export import export_checked, export_onnx
-from deploy.onnxrt import QuantSettings, build_ort_engine, create_session, select_excluded_nodes, session_logits
-from deploy.parity import ParityError, compare_logits, torch_logits
+from vitops.deploy.engine_meta import read_meta
+from vitops.deploy.export import export_checked, export_onnx
+from vitops.deploy.onnxrt import QuantSettings, build_ort_engine, create_session, select_excluded_nodes, session_logits
+from vitops.deploy.parity import ParityError, compare_logits, torch_logits
 
 
 def tiny_vit(num_classes: int = 5, seed: int = 0) -> torch.nn.Module:
@@ -74,7 +74,7 @@ def test_auto_export_falls_back_to_torchscript_and_says_so(
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("data-dependent control flow")
 
-    monkeypatch.setattr("deploy.export._export_dynamo", broken)
+    monkeypatch.setattr("vitops.deploy.export._export_dynamo", broken)
     with caplog.at_level(logging.WARNING):
         result = export_onnx(model, torch.from_numpy(images(2)), tmp_path / "m.onnx")
     assert result.exporter == "torchscript"
@@ -145,7 +145,7 @@ def test_int8_engine_failing_agreement_is_not_written(
 
 
 def test_static_quantization_needs_calibration_images(dynamo_onnx: Path, tmp_path: Path) -> None:
-    from deploy.onnxrt import quantize_onnx
+    from vitops.deploy.onnxrt import quantize_onnx
 
     with pytest.raises(ValueError, match="calibration images"):
         quantize_onnx(dynamo_onnx, tmp_path / "q.onnx", QuantSettings(mode="static"), None)
@@ -168,8 +168,8 @@ def test_thread_tuning_picks_the_fastest_count_and_a_fixed_count_skips_it(
 ) -> None:
     import time
 
-    from deploy.onnxrt import engine_threads
-    from deploy.timing import thread_candidates, tune_threads
+    from vitops.deploy.onnxrt import engine_threads
+    from vitops.deploy.timing import thread_candidates, tune_threads
 
     assert thread_candidates(1) == [1] and thread_candidates(2) == [1, 2] and thread_candidates(6) == [1, 2, 4, 6]
     delays = {1: 0.004, 2: 0.001, 4: 0.002}  # more threads are not always faster

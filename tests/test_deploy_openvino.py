@@ -16,9 +16,9 @@ import pytest
 import torch
 from test_deploy_export import images, tiny_vit
 
-from deploy.engine_meta import EngineMismatchError, read_meta
-from deploy.export import export_onnx
-from deploy.openvino import (
+from vitops.deploy.engine_meta import EngineMismatchError, read_meta
+from vitops.deploy.export import export_onnx
+from vitops.deploy.openvino import (
     OpenVINOUnavailable,
     build_ov_engine,
     compile_config,
@@ -28,8 +28,8 @@ from deploy.openvino import (
     precision_support,
     runtime_meta,
 )
-from deploy.parity import ParityError, torch_logits
-from deploy.selection import Candidate, NoEngineError, choose_engine, read_selection, write_selection
+from vitops.deploy.parity import ParityError, torch_logits
+from vitops.deploy.selection import Candidate, NoEngineError, choose_engine, read_selection, write_selection
 
 SAPPHIRE_RAPIDS = ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"]
 
@@ -70,7 +70,7 @@ def test_fp32_engine_runs_like_torch_and_records_what_it_was_built_for(
     tuned = {int(n): ms for n, ms in meta.extra["thread_p50_ms"].items()}
     assert meta.extra["threads"] == min(tuned, key=tuned.__getitem__)  # serving threads tuned at build
     assert meta.extra["parity"]["passed"] and meta.extra["parity"]["max_abs_diff"] < 1e-3
-    from common.files import sha256_file
+    from vitops.common.files import sha256_file
 
     assert meta.onnx_sha256 == sha256_file(onnx_path)
     with zipfile.ZipFile(fp32_engine) as zf:  # one file: the IR, weights kept in FP32

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from common.files import atomic_write_bytes
-from deploy import tensorrt as trt_mod
-from deploy.engine_meta import (
+from vitops.common.files import atomic_write_bytes
+from vitops.deploy import tensorrt as trt_mod
+from vitops.deploy.engine_meta import (
     EngineMeta,
     EngineMismatchError,
     check_compatible,
@@ -17,7 +17,7 @@ from deploy.engine_meta import (
     read_meta,
     save_timing_cache,
 )
-from deploy.tensorrt import (
+from vitops.deploy.tensorrt import (
     TensorRTUnavailable,
     TrtPlan,
     build_trt_engine,
@@ -131,7 +131,7 @@ def test_layernorm_softmax_and_reductions_are_pinned_to_fp32() -> None:
 def test_make_plan_reads_the_input_from_the_onnx_file(tmp_path: Path) -> None:
     import torch
 
-    from deploy.export import export_onnx
+    from vitops.deploy.export import export_onnx
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 8, 8), torch.nn.Flatten(), torch.nn.Linear(64, 5))
     path = export_onnx(model, torch.randn(2, 3, 32, 32), tmp_path / "m.onnx", exporter="torchscript").path
@@ -239,8 +239,8 @@ def test_real_tensorrt_fp16_build_matches_pytorch(tmp_path: Path) -> None:
     import timm
     import torch
 
-    from deploy.export import export_onnx
-    from deploy.parity import torch_logits
+    from vitops.deploy.export import export_onnx
+    from vitops.deploy.parity import torch_logits
 
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=5).eval()
     onnx_path = export_onnx(model, torch.randn(2, 3, 32, 32), tmp_path / "m.onnx").path

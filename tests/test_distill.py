@@ -12,9 +12,9 @@ from test_vit_fixtures import write_digits, write_manifest, write_params, write_
 from torch import nn
 from torch.nn import functional as F
 
-from flows.cli import main
-from vit.distill import DistillationLoss, DistillError, Teacher
-from vit.train import TrainConfig
+from vitops.flows.cli import main
+from vitops.vit.distill import DistillationLoss, DistillError, Teacher
+from vitops.vit.train import TrainConfig
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from flows.cli import build_parser
-from flows.config import Params
+from vitops.flows.cli import build_parser
+from vitops.flows.config import Params
 
 
 def _commands(repo_root: Path) -> dict[str, str]:

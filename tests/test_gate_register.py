@@ -14,7 +14,7 @@ from flow_fixtures import PRICES
 from mlflow import MlflowClient
 from test_vit_fixtures import write_digits, write_manifest, write_params, write_tiny_checkpoint
 
-from flows.cli import main
+from vitops.flows.cli import main
 
 MODEL = "gate-digits"
 

@@ -7,7 +7,7 @@ import hashlib
 
 import pytest
 
-from deploy.guardrails import (
+from vitops.deploy.guardrails import (
     BREACH,
     INCONCLUSIVE,
     PASSED,
@@ -18,8 +18,8 @@ from deploy.guardrails import (
     check_canary,
     routes_to_candidate,
 )
-from deploy.kpi import KpiError
-from flows.pilot_stages import PilotError, promotion_checks
+from vitops.deploy.kpi import KpiError
+from vitops.flows.pilot_stages import PilotError, promotion_checks
 
 SHAS = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(2000)]
 

@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 
-from deploy.kpi import (
+from vitops.deploy.kpi import (
     Check,
     Cost,
     GateRules,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deploy.kpi import (
+from vitops.deploy.kpi import (
     GateDecision,
     GateRules,
     Latency,
@@ -21,7 +21,7 @@ from deploy.kpi import (
     cost_of,
     decide,
 )
-from deploy.kpi_report import format_kpi_table, write_report
+from vitops.deploy.kpi_report import format_kpi_table, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PRICES = Prices("USD", 4.0, 0.20, 0.5, 4.0, 2_000_000.0, 300.0)

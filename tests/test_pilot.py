@@ -29,7 +29,7 @@ from mlflow import MlflowClient
 from PIL import Image
 from test_registry import Release, build_release, register, unique
 
-from flows import registry
+from vitops.flows import registry
 
 IMAGES = 40
 
@@ -102,7 +102,7 @@ def _snapshot(root: Path) -> dict[str, tuple[str, int]]:
 
 
 def _vitops(env: dict[str, Any], cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "flows.cli", *args]
+    cmd = [sys.executable, "-m", "vitops", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -141,7 +141,7 @@ def _paused_run(env: dict[str, Any], params: Path, proc: subprocess.Popen, timeo
 
 
 def _start_promote(e: dict[str, Any], params: Path, version: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "flows.cli", "--params", str(params), "pilot", "promote", "--version", version]
+    cmd = [sys.executable, "-m", "vitops", "--params", str(params), "pilot", "promote", "--version", version]
     return subprocess.Popen(cmd, cwd=e["project"], env=e["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)  # fmt: skip
 

@@ -17,11 +17,11 @@ import pytest
 from data_fixtures import noise_image, tree_digest, write_clean, write_png
 from PIL import Image
 
-from data_checks.batch import BatchError, check_batch, scan_batch, validate_batch
-from data_checks.manifest import COLUMNS, load_usable, read_manifest, scan_dataset, write_manifest
-from data_checks.sample import SampleError, write_line_batch, write_sample
-from data_checks.suite import GateRules
-from flows.cli import main
+from vitops.data_checks.batch import BatchError, check_batch, scan_batch, validate_batch
+from vitops.data_checks.manifest import COLUMNS, load_usable, read_manifest, scan_dataset, write_manifest
+from vitops.data_checks.sample import SampleError, write_line_batch, write_sample
+from vitops.data_checks.suite import GateRules
+from vitops.flows.cli import main
 
 FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 RULES = GateRules(classes=("cat", "dog", "bird"), min_width=16, min_height=16)

@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 from test_registry import CLASSES, Release, build_release, new_run, server, unique  # noqa: F401 (fixture)
 
-from flows import pyfunc_model, registry
-from vit.bundle import load_bundle
-from vit.data import create_transforms
+from vitops.flows import pyfunc_model, registry
+from vitops.vit.bundle import load_bundle
+from vitops.vit.data import create_transforms
 
 VITOPS_PACKAGES = ("vit", "deploy", "flows", "data_checks", "common")
 
@@ -27,8 +27,8 @@ VITOPS_PACKAGES = ("vit", "deploy", "flows", "data_checks", "common")
 def release(tmp_path_factory: pytest.TempPathFactory) -> Release:
     """The tiny release plus a stand-in TensorRT plan, measured fastest, that this model must skip, and an
     OpenVINO FP32 engine that `vitops build` chose (slower in the bench, as a noisy bench may have it)."""
-    from deploy.openvino import build_ov_engine, make_plan
-    from deploy.parity import torch_logits
+    from vitops.deploy.openvino import build_ov_engine, make_plan
+    from vitops.deploy.parity import torch_logits
 
     rel = build_release(tmp_path_factory.mktemp("release"), seed=3)
     x = np.random.default_rng(3).standard_normal((8, 3, 32, 32), dtype=np.float32)
@@ -239,7 +239,7 @@ def test_bad_inputs_are_clear_errors(release: Release) -> None:
 def test_the_served_model_names_this_cpus_isa_as_the_openvino_build_does() -> None:
     """The shipped module carries its own copy of the ISA table; a copy that drifts would refuse every
     OpenVINO engine on the machine that built it."""
-    from deploy.openvino import ISA_FLAGS, cpu_flags, cpu_isa
+    from vitops.deploy.openvino import ISA_FLAGS, cpu_flags, cpu_isa
 
     assert pyfunc_model.ISA_FLAGS == ISA_FLAGS
     assert pyfunc_model._cpu_isa() == cpu_isa(cpu_flags())

@@ -22,12 +22,12 @@ import torch
 from conftest import forget_tracking_uri
 from mlflow import MlflowClient
 
-from deploy.export import export_onnx
-from deploy.onnxrt import build_ort_engine
-from deploy.parity import torch_logits
-from flows import registry
-from flows.registry import MoveConflict, RegistryError
-from vit.bundle import ModelMeta, save_bundle
+from vitops.deploy.export import export_onnx
+from vitops.deploy.onnxrt import build_ort_engine
+from vitops.deploy.parity import torch_logits
+from vitops.flows import registry
+from vitops.flows.registry import MoveConflict, RegistryError
+from vitops.vit.bundle import ModelMeta, save_bundle
 
 CLASSES = ["bolt", "nut", "washer"]
 
@@ -175,7 +175,7 @@ def test_expect_mismatch_is_refused_and_leaves_the_alias(server: str, release: R
 RACER = """
 import sys, time
 from pathlib import Path
-from flows.registry import MoveConflict, move_alias
+from vitops.flows.registry import MoveConflict, move_alias
 go, ready, name, version, expect = sys.argv[1:]
 Path(ready).touch()
 while not Path(go).exists():
@@ -367,7 +367,7 @@ def test_claims_in_progress_block_and_stale_ones_are_rolled_forward(
 
     MlflowClient().delete_registered_model(f"{name}.history.champion.000002")
     _plant(name, 2, v1, v2, age=timedelta(minutes=10))
-    with caplog.at_level(logging.WARNING, logger="flows.registry"):
+    with caplog.at_level(logging.WARNING, logger="vitops.flows.registry"):
         record = registry.move_alias(name, "champion", v3, expect=v2, reason="after the crash")
     assert "rolling forward the abandoned move 2" in caplog.text
     entries = registry.history(name, "champion")

@@ -31,7 +31,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, prefect_server: str, mlflow
     env = os.environ | {"PREFECT_API_URL": prefect_server, "MLFLOW_TRACKING_URI": mlflow_server}
     log = open(root.parent / "serve.log", "w")  # noqa: SIM115 - closed by stop_server
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "--params", str(params), "serve"],
+        [sys.executable, "-m", "vitops", "--params", str(params), "serve"],
         cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     proc.log = log  # type: ignore[attr-defined]
@@ -119,7 +119,7 @@ def test_deployment_run_retrains_and_two_at_once_queue_up(served: dict, mlflow_s
 def test_pilot_stage_through_its_deployment(served: dict, mlflow_server: str, tmp_path) -> None:
     """`prefect deployment run 'pilot/staged'` with JSON string parameters: the candidate the retrain registered
     goes into its shadow pilot (no champion yet) and gets `pilot`."""
-    from data_checks.sample import write_line_batch
+    from vitops.data_checks.sample import write_line_batch
 
     env = served["env"]
     write_line_batch(tmp_path / "line")

@@ -33,7 +33,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, mlflow_server: str, harnes
 
 
 def _run(params: Path, **kwargs):
-    from flows.retrain import retrain
+    from vitops.flows.retrain import retrain
 
     return retrain(params_file=str(params), return_state=True, **kwargs)
 
@@ -81,7 +81,7 @@ def test_pass_then_skip_then_force_with_a_failing_kpi_gate(project: Path, tracki
 
 
 def test_vitops_retrain_says_skipped_and_exits_0(project: Path, tracking: str, capsys) -> None:
-    from flows.cli import main
+    from vitops.flows.cli import main
 
     assert main(["--params", str(project), "retrain"]) == 0
     out = capsys.readouterr().out
@@ -106,9 +106,9 @@ def test_a_failed_data_gate_ends_failed_with_its_reasons_and_trains_nothing(proj
 def test_transient_errors_are_retried_and_gates_are_not() -> None:
     from mlflow.exceptions import MlflowException
 
-    from deploy.parity import ParityError
-    from flows.retrain import is_transient
-    from flows.tracking import TrackingError
+    from vitops.deploy.parity import ParityError
+    from vitops.flows.retrain import is_transient
+    from vitops.flows.tracking import TrackingError
 
     try:
         try:
@@ -125,7 +125,7 @@ def test_transient_errors_are_retried_and_gates_are_not() -> None:
 def test_shipped_deployments_match_params(repo_root: Path) -> None:
     import yaml
 
-    from flows.config import load_params
+    from vitops.flows.config import load_params
 
     deployments = {d["name"]: d for d in yaml.safe_load((repo_root / "prefect.yaml").read_text())["deployments"]}
     params = load_params(repo_root / "params.yaml")

@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from deploy.roofline import achieved_gflops, gemm_peak_gflops, model_flops
+from vitops.deploy.roofline import achieved_gflops, gemm_peak_gflops, model_flops
 
 
 def test_linear_flops_are_two_per_multiply_add_per_image():

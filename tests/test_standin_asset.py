@@ -9,10 +9,10 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from common.files import sha256_file
-from flows.config import load_params
-from flows.recipe import same_named
-from vit.standin import StandinSpec
+from vitops.common.files import sha256_file
+from vitops.flows.config import load_params
+from vitops.flows.recipe import same_named
+from vitops.vit.standin import StandinSpec
 
 
 def test_shipped_standin_matches_its_recorded_sha256_and_config(repo_root: Path) -> None:

@@ -10,8 +10,8 @@ import timm
 import torch
 from mlflow import MlflowClient
 
-from flows import tracking as mlflow_io
-from vit.bundle import ModelMeta, load_bundle, save_bundle
+from vitops.flows import tracking as mlflow_io
+from vitops.vit.bundle import ModelMeta, load_bundle, save_bundle
 
 
 def _tiny_bundle(out: Path) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from test_vit_fixtures import write_digits, write_manifest, write_params, write_tiny_checkpoint
 
-from flows.cli import main
+from vitops.flows.cli import main
 
 
 @pytest.fixture()
@@ -83,7 +83,7 @@ def test_fine_tunes_from_a_registered_model_alias(project: Path, tracking: str) 
     """Retraining from the serving model: `mlflow:models:/<name>@<alias>` resolves to the registered folder."""
     from mlflow import MlflowClient
 
-    from flows import tracking as mlflow_io
+    from vitops.flows import tracking as mlflow_io
 
     params = write_params(project, project / "data", project / "manifest.csv", project / "pretrained.safetensors")
     assert main(["--params", str(params), "train", "--no-tracking", "--epochs", "1"]) == 0

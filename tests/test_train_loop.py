@@ -10,10 +10,10 @@ import pytest
 import torch
 from test_vit_fixtures import TINY_KW, write_digits
 
-from vit.bundle import ModelMeta
-from vit.checkpoint import BEST_WEIGHTS, LAST_CHECKPOINT, CheckpointError
-from vit.data import create_dataset
-from vit.train import TrainConfig, fit
+from vitops.vit.bundle import ModelMeta
+from vitops.vit.checkpoint import BEST_WEIGHTS, LAST_CHECKPOINT, CheckpointError
+from vitops.vit.data import create_dataset
+from vitops.vit.train import TrainConfig, fit
 
 CFG = TrainConfig(epochs=2, batch_size=8, warmup_epochs=0.5, patience=0, class_balance="loss")
 

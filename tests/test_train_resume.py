@@ -35,7 +35,7 @@ def _env() -> dict[str, str]:
 
 
 def _train_cmd(params: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "flows.cli", "--params", str(params), "train", "--no-tracking", *extra]
+    return [sys.executable, "-m", "vitops", "--params", str(params), "train", "--no-tracking", *extra]
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
@@ -87,7 +87,7 @@ def test_torchrun_two_gloo_processes_reduce_metrics(project: Path, tmp_path: Pat
     params = write_params(tmp_path, project / "data", project / "manifest.csv", project / "pretrained.safetensors")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "flows.cli", "--params", str(params), "train", "--no-tracking", "--device", "cpu",
+        "-m", "vitops", "--params", str(params), "train", "--no-tracking", "--device", "cpu",
     ]  # fmt: skip
     subprocess.run(cmd, check=True, env=_env(), cwd=tmp_path, timeout=300)
     import pandas as pd

@@ -9,8 +9,8 @@ import pytest
 import torch
 from test_vit_fixtures import write_digits
 
-from vit.bundle import ModelMeta
-from vit.data import (
+from vitops.vit.bundle import ModelMeta
+from vitops.vit.data import (
     AugmentParams,
     DataError,
     ShardSampler,
@@ -90,7 +90,7 @@ def test_shard_sampler_covers_every_item_once_across_ranks() -> None:
 
 
 def test_weighted_sampler_balances_classes() -> None:
-    from vit.data import sample_weights
+    from vitops.vit.data import sample_weights
 
     targets = [0] * 90 + [1] * 10
     drawn = list(ShardSampler(100, weights=sample_weights(targets, 2), seed=0))
@@ -132,7 +132,7 @@ def test_strongest_posterize_draw_keeps_the_image_instead_of_crashing(policy: st
     from PIL import Image
     from timm.data import auto_augment
 
-    from vit.data import create_transforms
+    from vitops.vit.data import create_transforms
 
     transform = create_transforms(_meta(), is_training=True, augment=AugmentParams(auto_augment=policy))
     policy_t = next(t for t in transform.transforms if hasattr(t, "ops") or hasattr(t, "policy"))

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vit.evaluate import (
+from vitops.vit.evaluate import (
     compute_metrics,
     confusion,
     expected_calibration_error,
@@ -60,8 +60,8 @@ def test_plots_are_pngs(tmp_path: Path) -> None:
 def test_standin_checkpoint_is_labelled_and_fine_tunes_through_file_source(tmp_path: Path) -> None:
     from safetensors import safe_open
 
-    from vit.sources import create_model
-    from vit.standin import CHARSET, StandinSpec, pretrain_standin, render_characters
+    from vitops.vit.sources import create_model
+    from vitops.vit.standin import CHARSET, StandinSpec, pretrain_standin, render_characters
 
     images, labels = render_characters(8, 32, seed=3)
     again, _ = render_characters(8, 32, seed=3)

@@ -13,7 +13,7 @@ TINY_KW = {**TINY_VIT, "embed_dim": 32, "num_heads": 2}
 
 def write_digits(root: Path, size: int = 60) -> pd.DataFrame:
     """Write `size` real digit PNGs (32x32, 10 classes) under `root`; return rows split 60/20/20 by position."""
-    from data_checks.sample import write_sample
+    from vitops.data_checks.sample import write_sample
 
     write_sample(root, size=size)
     paths = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
@@ -25,8 +25,8 @@ def write_digits(root: Path, size: int = 60) -> pd.DataFrame:
 
 def write_manifest(root: Path, path: Path) -> Path:
     """Scan `root` with the data gate's scanner and write its manifest CSV."""
-    from data_checks.manifest import scan_dataset
-    from data_checks.manifest import write_manifest as write
+    from vitops.data_checks.manifest import scan_dataset
+    from vitops.data_checks.manifest import write_manifest as write
 
     return write(scan_dataset(root, {"train": 0.6, "val": 0.2, "test": 0.2}, workers=1), path)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_vit_fixtures import TINY_KW, TINY_VIT, write_tiny_checkpoint
 
-from vit.sources import SourceError, create_model, parse_source
+from vitops.vit.sources import SourceError, create_model, parse_source
 
 
 def _build_hub_cache(cache: Path, repo: str, state: dict, config: dict) -> Path:
@@ -100,7 +100,7 @@ def test_file_source_resamples_patch_and_position_embeddings(tmp_path: Path) -> 
 
 
 def test_file_source_from_model_folder_uses_its_architecture(tmp_path: Path) -> None:
-    from vit.bundle import ModelMeta, save_bundle
+    from vitops.vit.bundle import ModelMeta, save_bundle
 
     trained, _, _ = create_model("scratch", "vit_tiny_patch16_224", 3, 32, TINY_VIT, allow_scratch=True)
     save_bundle(trained, ModelMeta("vit_tiny_patch16_224", ["a", "b", "c"], 32, model_kwargs=TINY_VIT), tmp_path / "m")

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.files import atomic_write
+from vitops.common.files import atomic_write
 
 WEIGHTS_FILE = "weights.safetensors"
 META_FILE = "model.json"

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.files import atomic_write
-from vit.distributed import DistInfo
+from vitops.common.files import atomic_write
+from vitops.vit.distributed import DistInfo
 
 LAST_CHECKPOINT = "last.pt"
 BEST_WEIGHTS = "best.safetensors"

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from vit.bundle import ModelMeta
+from vitops.vit.bundle import ModelMeta
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 if TYPE_CHECKING:
-    from vit.bundle import ModelMeta
+    from vitops.vit.bundle import ModelMeta
 
 DistillKind = Literal["hard", "soft"]
 
@@ -130,7 +130,7 @@ def load_teacher(bundle_dir: Path, student_classes: Sequence[str], student_meta:
     Raises:
         DistillError: if the folder is not a vitops model folder, or was trained on other classes.
     """
-    from vit.bundle import BundleError, load_bundle
+    from vitops.vit.bundle import BundleError, load_bundle
 
     try:
         model, meta = load_bundle(bundle_dir)

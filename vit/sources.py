@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from vit.bundle import META_FILE, WEIGHTS_FILE, read_meta
+from vitops.vit.bundle import META_FILE, WEIGHTS_FILE, read_meta
 
 log = logging.getLogger(__name__)
 

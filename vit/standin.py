@@ -190,8 +190,8 @@ def pretrain_standin(spec: StandinSpec, out: Path, work_dir: Path | None = None,
     import timm
     from safetensors.torch import save_file
 
-    from common.files import atomic_write, sha256_file
-    from vit.train import TrainConfig, fit
+    from vitops.common.files import atomic_write, sha256_file
+    from vitops.vit.train import TrainConfig, fit
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

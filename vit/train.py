@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from vit.checkpoint import (
+from vitops.vit.checkpoint import (
     BEST_WEIGHTS,
     LAST_CHECKPOINT,
     CheckpointError,
@@ -38,7 +38,7 @@ from vit.checkpoint import (
     save_checkpoint,
     save_weights,
 )
-from vit.distributed import DistInfo, all_reduce_sum, barrier, broadcast_flag
+from vitops.vit.distributed import DistInfo, all_reduce_sum, barrier, broadcast_flag
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def create_loaders(
     """Training loader (shuffled or class-balanced, sharded over ranks) and validation loader (exact shards)."""
     from torch.utils.data import DistributedSampler
 
-    from vit.data import EpochSampler, ImageRows, ShardSampler, sample_weights
+    from vitops.vit.data import EpochSampler, ImageRows, ShardSampler, sample_weights
 
     if cfg.class_balance == "sampler":
         if targets is None or num_classes is None:
@@ -350,7 +350,7 @@ def fit(
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3
 
-    from vit.data import class_weights
+    from vitops.vit.data import class_weights
 
     dist = dist or DistInfo()
     device = dist.device
@@ -406,7 +406,7 @@ def fit(
     else:
         loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
     if teacher is not None:
-        from vit.distill import DistillationLoss
+        from vitops.vit.distill import DistillationLoss
 
         teacher = teacher.to(device)
         loss_fn = DistillationLoss(loss_fn, cfg.distill, cfg.distill_alpha, cfg.distill_temperature)  # type: ignore[arg-type]

@@ -16,18 +16,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flows import stages
-from flows.config import Params
+from vitops.flows import stages
+from vitops.flows.config import Params
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Error classes of this group that are user mistakes (imported only when an error is being reported)."""
-    from flows.tracking import TrackingError
-    from vit.bundle import BundleError
-    from vit.checkpoint import CheckpointError
-    from vit.data import DataError
-    from vit.distill import DistillError
-    from vit.sources import SourceError
+    from vitops.flows.tracking import TrackingError
+    from vitops.vit.bundle import BundleError
+    from vitops.vit.checkpoint import CheckpointError
+    from vitops.vit.data import DataError
+    from vitops.vit.distill import DistillError
+    from vitops.vit.sources import SourceError
 
     return (SourceError, DataError, CheckpointError, BundleError, TrackingError, DistillError)
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from flows.config import DEFAULT_PARAMS, Params
+from vitops.flows.config import DEFAULT_PARAMS, Params
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -50,7 +50,7 @@ def quiet_prefect(verbose: bool) -> None:
 def cmd_retrain(args: argparse.Namespace, params: Params) -> int:
     """Run the retrain flow and print what a user looks at."""
     quiet_prefect(args.verbose)
-    from flows.retrain import DATA_GATE_FAILED, ENGINE_GATE_FAILED, KPI_GATE_FAILED, SKIPPED, retrain
+    from vitops.flows.retrain import DATA_GATE_FAILED, ENGINE_GATE_FAILED, KPI_GATE_FAILED, SKIPPED, retrain
 
     params_file = str(args.params or DEFAULT_PARAMS)
     state = retrain(
@@ -71,8 +71,8 @@ def cmd_retrain(args: argparse.Namespace, params: Params) -> int:
 
 
 def _print_summary(params: Params, state: Any) -> None:
-    from flows import tracking
-    from flows.retrain import DATA_GATE_FAILED, ENGINE_GATE_FAILED
+    from vitops.flows import tracking
+    from vitops.flows.retrain import DATA_GATE_FAILED, ENGINE_GATE_FAILED
 
     decision_file = Path(params.gate.report).parent / "decision.json"
     print(f"\nretrain {state.name}: {state.message}")
@@ -97,8 +97,8 @@ def cmd_serve(args: argparse.Namespace, params: Params) -> int:
     """Serve the deployments from this process until interrupted."""
     from prefect import serve
 
-    from flows.pilot import pilot
-    from flows.retrain import retrain
+    from vitops.flows.pilot import pilot
+    from vitops.flows.retrain import retrain
 
     if not os.environ.get("PREFECT_API_URL"):
         print(

@@ -21,16 +21,16 @@ import argparse
 import json
 from typing import Any
 
-from flows import stages
-from flows.config import Params
+from vitops.flows import stages
+from vitops.flows.config import Params
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Error classes of this group that are user mistakes (imported only when an error is being reported)."""
-    from deploy.kpi import KpiError
-    from flows.kpis import GateInputError
-    from flows.registry import RegistryError
-    from flows.tracking import TrackingError
+    from vitops.deploy.kpi import KpiError
+    from vitops.flows.kpis import GateInputError
+    from vitops.flows.registry import RegistryError
+    from vitops.flows.tracking import TrackingError
 
     return (RegistryError, GateInputError, KpiError, TrackingError)
 
@@ -96,14 +96,14 @@ def cmd_register(args: argparse.Namespace, params: Params) -> int:
 
 
 def _configure(params: Params) -> None:
-    from flows import tracking
+    from vitops.flows import tracking
 
     tracking.configure(params.tracking.uri, params.tracking.experiment)
 
 
 def cmd_promote(args: argparse.Namespace, params: Params) -> int:
     """Checked alias move."""
-    from flows import registry
+    from vitops.flows import registry
 
     _configure(params)
     if args.override_gate and not args.reason.strip():
@@ -122,7 +122,7 @@ def cmd_promote(args: argparse.Namespace, params: Params) -> int:
 
 def cmd_rollback(args: argparse.Namespace, params: Params) -> int:
     """Put back the previous holder of the alias."""
-    from flows import registry
+    from vitops.flows import registry
 
     _configure(params)
     record = registry.rollback(args.name, args.alias, reason=args.reason)
@@ -134,7 +134,7 @@ def cmd_history(args: argparse.Namespace, params: Params) -> int:
     """Print the alias history."""
     from dataclasses import asdict
 
-    from flows import registry
+    from vitops.flows import registry
 
     _configure(params)
     records = registry.history(args.name, args.alias)
@@ -158,7 +158,7 @@ def cmd_history(args: argparse.Namespace, params: Params) -> int:
 
 def cmd_lineage(args: argparse.Namespace, params: Params) -> int:
     """Print the lineage of one version."""
-    from flows import registry
+    from vitops.flows import registry
 
     _configure(params)
     name, ref = _split_ref(args.ref)
@@ -171,7 +171,7 @@ def cmd_lineage(args: argparse.Namespace, params: Params) -> int:
 
 
 def _split_ref(text: str) -> tuple[str, str]:
-    from flows.registry import RegistryError
+    from vitops.flows.registry import RegistryError
 
     for sep in ("@", "/"):
         if sep in text:

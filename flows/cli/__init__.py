@@ -1,10 +1,10 @@
 """The `vitops` command line: one subcommand per pipeline stage, each a thin caller of `flows.stages`.
 
 Run `vitops --help`. Every command reads `params.yaml` (or `--params FILE`); the flags a command offers
-override single values from it. Each command group lives in its own module and registers itself here:
-`data_commands` (sample, import, validate), `train_commands` (pretrain-standin, train, evaluate),
-`engine_commands` (export, build, bench), `registry_commands` (gate, register, promote, rollback, history,
-lineage), `flow_commands` (retrain, serve) and `pilot_commands` (pilot, approve).
+override single values from it. Each command group lives in its own module of this package and registers
+itself here: `data` (sample, import, validate), `train` (pretrain-standin, train, evaluate), `engines` (export,
+build, bench), `registry` (gate, register, promote, rollback, history, lineage), `runs` (retrain, serve) and
+`pilot` (pilot, approve). The commands only parse and print; the stage functions they call do the work.
 
 Exit codes, the same for every command: 0 ok; 1 a gate said no (data gate, parity gate, KPI gate); 2 a usage
 or configuration error, with one message; 3 a crash, with its traceback. `-v` adds debug logging and the
@@ -20,10 +20,10 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from flows import data_commands, engine_commands, flow_commands, pilot_commands, registry_commands, train_commands
-from flows.config import DEFAULT_PARAMS, ParamsError, load_params
+from vitops.flows.cli import data, engines, pilot, registry, runs, train
+from vitops.flows.config import DEFAULT_PARAMS, ParamsError, load_params
 
-_GROUPS = (data_commands, train_commands, engine_commands, registry_commands, flow_commands, pilot_commands)
+_GROUPS = (data, train, engines, registry, runs, pilot)
 
 EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_CRASH = 0, 1, 2, 3
 
@@ -42,7 +42,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _gate_errors() -> tuple[type[BaseException], ...]:
     """Errors that are a gate saying no (exit 1): the parity gates of the engine builds."""
-    from deploy.parity import ParityError
+    from vitops.deploy.parity import ParityError
 
     return (ParityError,)
 
@@ -68,8 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if not args.verbose:
-        for package in ("common", "data_checks", "vit", "deploy", "flows"):
-            logging.getLogger(package).setLevel(logging.INFO)
+        logging.getLogger("vitops").setLevel(logging.INFO)
         for chatty in ("mlflow", "great_expectations", "alembic"):  # they attach INFO handlers of their own
             logging.getLogger(chatty).setLevel(logging.WARNING)
         # NNCF imports torch's C++ extension builder, which warns on every CPU-only machine that it found no CUDA
@@ -96,7 +95,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"vitops {args.command}: {kind}: {err}", file=sys.stderr)
         return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,19 +15,19 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from flows import stages
-from flows.config import Params
+from vitops.flows import stages
+from vitops.flows.config import Params
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Error classes of this group that are user mistakes (imported only when an error is being reported)."""
-    from deploy.engine_meta import EngineMismatchError
-    from deploy.export import ExportError
-    from deploy.openvino import OpenVINOUnavailable
-    from deploy.parity import ParityError
-    from deploy.tensorrt import TensorRTBuildError, TensorRTUnavailable
-    from flows.engines import EngineInputError
-    from vit.bundle import BundleError
+    from vitops.deploy.engine_meta import EngineMismatchError
+    from vitops.deploy.export import ExportError
+    from vitops.deploy.openvino import OpenVINOUnavailable
+    from vitops.deploy.parity import ParityError
+    from vitops.deploy.tensorrt import TensorRTBuildError, TensorRTUnavailable
+    from vitops.flows.engines import EngineInputError
+    from vitops.vit.bundle import BundleError
 
     return (
         BundleError,
@@ -133,7 +133,7 @@ def cmd_bench(args: argparse.Namespace, params: Params) -> int:
 
 def _parity(report: dict[str, Any]) -> str:
     """One line of a parity report (as `deploy.parity.ParityReport.describe` writes it)."""
-    from deploy.parity import ParityReport
+    from vitops.deploy.parity import ParityReport
 
     fields = {k: v for k, v in report.items() if k != "passed"}
     return ParityReport(**fields).describe() if report else "checked"

@@ -20,15 +20,15 @@ import logging
 import sys
 from pathlib import Path
 
-from flows.config import Params
+from vitops.flows.config import Params
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Error classes of this group that are user mistakes (imported only when an error is being reported)."""
-    from data_checks.batch import BatchError
-    from data_checks.manifest import LayoutError
-    from data_checks.sample import SampleError
-    from flows.versioning import VersioningError
+    from vitops.data_checks.batch import BatchError
+    from vitops.data_checks.manifest import LayoutError
+    from vitops.data_checks.sample import SampleError
+    from vitops.flows.versioning import VersioningError
 
     return (BatchError, LayoutError, SampleError, VersioningError)
 
@@ -80,7 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_sample(args: argparse.Namespace, params: Params) -> int:
     """Write the digits sample."""
-    from data_checks.sample import write_sample
+    from vitops.data_checks.sample import write_sample
 
     written = write_sample(args.out, size=args.size, img_size=args.img_size)
     labels = {p.parent.name for p in written}
@@ -90,8 +90,8 @@ def cmd_sample(args: argparse.Namespace, params: Params) -> int:
 
 def cmd_sample_batch(args: argparse.Namespace, params: Params) -> int:
     """Write the line batch, its bases held out of the sample's train split as params.yaml splits it."""
-    from data_checks.batch import UNLABELLED
-    from data_checks.sample import write_line_batch
+    from vitops.data_checks.batch import UNLABELLED
+    from vitops.data_checks.sample import write_line_batch
 
     written = write_line_batch(
         args.out, img_size=args.img_size, labelled_share=args.labelled_share, fractions=params.data.split.model_dump()
@@ -107,7 +107,7 @@ def cmd_sample_batch(args: argparse.Namespace, params: Params) -> int:
 
 def cmd_import(args: argparse.Namespace, params: Params) -> int:
     """Import an ImageFolder as a new data version."""
-    from flows.versioning import import_images
+    from vitops.flows.versioning import import_images
 
     result = import_images(
         args.src,
@@ -128,7 +128,7 @@ def cmd_import(args: argparse.Namespace, params: Params) -> int:
 
 def cmd_version(args: argparse.Namespace, params: Params) -> int:
     """Print the data version."""
-    from flows.versioning import data_version
+    from vitops.flows.versioning import data_version
 
     version = data_version(params.data.raw_dir)
     if version is None:
@@ -140,7 +140,7 @@ def cmd_version(args: argparse.Namespace, params: Params) -> int:
 
 def cmd_versions(args: argparse.Namespace, params: Params) -> int:
     """List data versions."""
-    from flows.versioning import data_version, list_versions
+    from vitops.flows.versioning import data_version, list_versions
 
     current = data_version(params.data.raw_dir)
     versions = list_versions(params.data.raw_dir)
@@ -155,7 +155,7 @@ def cmd_versions(args: argparse.Namespace, params: Params) -> int:
 
 def cmd_checkout(args: argparse.Namespace, params: Params) -> int:
     """Check out a data version."""
-    from flows.versioning import checkout_version
+    from vitops.flows.versioning import checkout_version
 
     version = checkout_version(params.data.raw_dir, args.rev, params.data.remote, params.data.remote_name)
     print(f"{params.data.raw_dir} now holds data version {version} (from {args.rev})")
@@ -164,7 +164,7 @@ def cmd_checkout(args: argparse.Namespace, params: Params) -> int:
 
 def cmd_pull(args: argparse.Namespace, params: Params) -> int:
     """Pull the current data version."""
-    from flows.versioning import pull_data
+    from vitops.flows.versioning import pull_data
 
     version = pull_data(params.data.raw_dir, params.data.remote, params.data.remote_name)
     print(f"{params.data.raw_dir} holds data version {version}")
@@ -177,7 +177,7 @@ def cmd_validate(args: argparse.Namespace, params: Params) -> int:
         for handler in logging.getLogger().handlers:
             handler.addFilter(_quiet_gx)
 
-    from flows import stages
+    from vitops.flows import stages
 
     result = stages.validate(
         params,

@@ -13,13 +13,13 @@ import argparse
 import json
 from pathlib import Path
 
-from flows.config import DEFAULT_PARAMS, Params
+from vitops.flows.config import DEFAULT_PARAMS, Params
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Error classes of this group that are user mistakes (imported only when an error is being reported)."""
-    from data_checks.batch import BatchError
-    from flows.pilot_stages import PilotError
+    from vitops.data_checks.batch import BatchError
+    from vitops.flows.pilot_stages import PilotError
 
     return (PilotError, BatchError)
 
@@ -47,8 +47,8 @@ def cmd_pilot(args: argparse.Namespace, params: Params) -> int:
     """Run one pilot stage and print its outcome and report."""
     from prefect.exceptions import FailedRun
 
-    from flows.flow_commands import quiet_prefect
-    from flows.pilot import BREACH, INCONCLUSIVE, pilot
+    from vitops.flows.cli.runs import quiet_prefect
+    from vitops.flows.pilot import BREACH, INCONCLUSIVE, pilot
 
     quiet_prefect(args.verbose)
     skip = [s.strip() for s in args.skip.split(",") if s.strip()]
@@ -82,7 +82,7 @@ def cmd_pilot(args: argparse.Namespace, params: Params) -> int:
 
 def cmd_approve(args: argparse.Namespace, params: Params) -> int:
     """Resume a paused promote run with the decision."""
-    from flows.pilot import approve
+    from vitops.flows.pilot import approve
 
     print(approve(args.flow_run_id, args.approver, reject=args.reject, comment=args.comment))
     return 0

@@ -1,0 +1,7 @@
+"""`python -m vitops.flows.cli`: the `vitops` command."""
+
+import sys
+
+from vitops.flows.cli import main
+
+sys.exit(main())
