@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vitops.common.files import atomic_write_json, sha256_file
+from vitops.flows import aliases, packaging, registry
 from vitops.flows.config import Params, ParamsError
 
 log = logging.getLogger(__name__)
@@ -203,8 +204,6 @@ def _champion_reference(params: Params, champion: Any, work: Path, prices: Any) 
 
 def champion_version(params: Params) -> Any:
     """The registry's champion version, or None when the model or the alias does not exist yet."""
-    from vitops.flows import registry
-
     try:
         return registry.version_info(params.tracking.registered_model, "champion")
     except registry.RegistryError as err:
@@ -364,7 +363,7 @@ def params_hash(params: Params) -> str:
 def run_register(params: Params, model_dir: Path, flow_run_id: str) -> RegisterResult:
     """Register the gated candidate; point `candidate` at it only when its gate passed."""
     from vitops.deploy.engine_meta import read_meta as read_engine_meta
-    from vitops.flows import registry, tracking
+    from vitops.flows import tracking
     from vitops.flows.engines import engine_files
     from vitops.vit.bundle import WEIGHTS_FILE, read_meta
 
@@ -429,7 +428,7 @@ def run_register(params: Params, model_dir: Path, flow_run_id: str) -> RegisterR
         if manifest.is_file():  # the training data's manifest: the pilot's drift reference on any machine
             run.log_artifact(manifest, artifact_path="data")
             tags["validation.manifest"] = f"runs:/{run.run_id}/data/{manifest.name}"
-        version = registry.register_version(
+        version = packaging.register_version(
             name,
             run.run_id,
             model_dir,
@@ -442,7 +441,7 @@ def run_register(params: Params, model_dir: Path, flow_run_id: str) -> RegisterR
         run.set_tags({"registered_model": name, "registered_version": version})
     moved = False
     if decision["passed"]:
-        registry.move_alias(
+        aliases.move_alias(
             name, "candidate", version, expect=None, reason="passed the KPI gate", flow_run_id=flow_run_id
         )
         moved = True

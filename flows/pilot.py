@@ -28,6 +28,7 @@ from prefect.states import Completed, Failed
 from pydantic import Field
 
 from vitops.common.files import utc_now
+from vitops.flows import aliases, registry
 from vitops.flows import pilot_stages as ps
 from vitops.flows.config import DEFAULT_PARAMS, Params, load_params
 from vitops.flows.retrain import TRANSIENT
@@ -74,9 +75,7 @@ def move_task(
     name: str, alias: str, version: str | None, expect: str | None, reason: str, run_id: str, override: bool = False
 ) -> Any:
     """A checked, recorded alias move."""
-    from vitops.flows import registry
-
-    return registry.move_alias(
+    return aliases.move_alias(
         name, alias, version, expect=expect or "none", reason=reason, flow_run_id=run_id, override_gate=override
     )
 
@@ -103,8 +102,6 @@ def pilot(
         reason: why (a skip, a rollback); kept in the records and the registry history.
     """
     from prefect.runtime import flow_run
-
-    from vitops.flows import registry
 
     params = load_params(params_file, must_exist=params_file != str(DEFAULT_PARAMS))
     if model_name:
@@ -149,8 +146,6 @@ def _record(params: Params, stage: str, versions: ps.Versions, outcome: str, run
 def _shadow(params: Params, versions: ps.Versions, tags: dict[str, str], checked: ps.BatchCheck, out: Path,
             run_id: str) -> Any:  # fmt: skip
     """`tags`: the candidate's, as read before the stage (the gate override decides how `pilot` moves)."""
-    from vitops.flows import registry
-
     result = shadow_task(params, versions, checked, out, run_id)
     agree = result.summary["agreement"]
     against = f"champion version {versions.champion}" if versions.champion else "no champion"
@@ -177,8 +172,6 @@ def _overridden(tags: dict[str, str]) -> bool:
 def _canary(params: Params, versions: ps.Versions, tags: dict[str, str], checked: ps.BatchCheck, out: Path,
             run_id: str, skip: list[str], reason: str) -> Any:  # fmt: skip
     """`tags`: the candidate's, as read before the stage."""
-    from vitops.flows import registry
-
     if not tags.get(ps.TAG_SHADOW_RUN) and ps.SHADOW not in skip:
         message = (f"version {versions.candidate} of {versions.name} has no shadow record: run stage=shadow first, "
                    "or pass skip=[\"shadow\"] with a reason")  # fmt: skip
@@ -194,7 +187,7 @@ def _canary(params: Params, versions: ps.Versions, tags: dict[str, str], checked
         ps.TAG_CANARY_REASONS: " ".join(failed) or "all guardrails held",
         "pilot.canary.time": utc_now(),
     })  # fmt: skip
-    holder = registry.aliases(versions.name).get("pilot")
+    holder = registry.current_aliases(versions.name).get("pilot")
     if result.verdict == "breach":
         if holder == versions.candidate:
             move_task(versions.name, "pilot", None, versions.candidate,
@@ -212,9 +205,6 @@ def _canary(params: Params, versions: ps.Versions, tags: dict[str, str], checked
 def _promote(params: Params, versions: ps.Versions, skip: list[str], reason: str, run_id: str) -> Any:
     from prefect.exceptions import FlowPauseTimeout
     from prefect.flow_runs import pause_flow_run
-
-    from vitops.flows import registry
-    from vitops.flows.registry import MoveConflict, RegistryError
 
     logger = get_run_logger()
     name, cand = versions.name, versions.candidate
@@ -256,7 +246,7 @@ def _promote(params: Params, versions: ps.Versions, skip: list[str], reason: str
         return Failed(name=REJECTED, message=message)
     try:
         move = ps.promote_approved(versions, run_id, seen, reason or detail, "gate" in skip)
-    except (MoveConflict, ps.PilotError, RegistryError) as err:
+    except (aliases.MoveConflict, ps.PilotError, registry.RegistryError) as err:
         message = f"approved, but champion not moved: {err}"
         _record(params, ps.PROMOTE, versions, "conflict", run_id, message, None)
         return Failed(name=CONFLICT, message=message)
@@ -267,14 +257,14 @@ def _promote(params: Params, versions: ps.Versions, skip: list[str], reason: str
 
 
 def _rollback(params: Params, reason: str, run_id: str) -> Any:
-    from vitops.flows import registry, tracking
+    from vitops.flows import tracking
 
     tracking.configure(params.tracking.uri, params.tracking.experiment)
     name = params.tracking.registered_model
     if not reason.strip():
         return Failed(name=REFUSED, message="a rollback needs a reason, which the history keeps: pass reason=...")
     try:
-        move = registry.rollback(name, "champion", reason=reason, flow_run_id=run_id)
+        move = aliases.rollback(name, "champion", reason=reason, flow_run_id=run_id)
     except registry.RegistryError as err:
         return Failed(name=REFUSED, message=str(err))
     versions = ps.Versions(name, str(move.from_version), str(move.to_version), None)

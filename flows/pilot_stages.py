@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from vitops.common.files import atomic_write_json, utc_now
+from vitops.flows import aliases, registry
 from vitops.flows.config import Params
 
 SHADOW, CANARY, PROMOTE, ROLLBACK = "shadow", "canary", "promote", "rollback"
@@ -55,7 +56,7 @@ class Versions:
 
 def resolve_versions(params: Params, version: str) -> Versions:
     """The candidate (`candidate`, `@pilot`, or a number) and the current champion and pilot."""
-    from vitops.flows import registry, tracking
+    from vitops.flows import tracking
 
     tracking.configure(params.tracking.uri, params.tracking.experiment)
     name = params.tracking.registered_model
@@ -66,9 +67,7 @@ def resolve_versions(params: Params, version: str) -> Versions:
 
 
 def _aliases(name: str) -> dict[str, str]:
-    from vitops.flows import registry
-
-    return registry.aliases(name)
+    return registry.current_aliases(name)
 
 
 # ------------------------------------------------------------------------------------------------- batch gate
@@ -134,8 +133,6 @@ def _classes(name: str, version: str) -> list[str]:
 
 def _training_manifest(params: Params, versions: Versions, out: Path) -> Path | None:
     """The candidate's training manifest as logged with its version, else this machine's, else None."""
-    from vitops.flows import registry
-
     uri = registry.version_info(versions.name, versions.candidate).tags.get("validation.manifest")
     if uri:
         import mlflow
@@ -527,8 +524,6 @@ def approval_tags(decision: str, approver: str, comment: str, flow_run_id: str) 
 
 def record_approval(versions: Versions, decision: str, approver: str, comment: str, flow_run_id: str) -> dict:
     """Write the decision onto the candidate version and return the tags as the registry now has them."""
-    from vitops.flows import registry
-
     return registry.set_version_tags(
         versions.name, versions.candidate, approval_tags(decision, approver, comment, flow_run_id)
     )
@@ -543,8 +538,6 @@ def promote_approved(
         PilotError: the registry holds no approval of this flow run for this version.
         MoveConflict: the champion moved since the pilot saw it (another promotion or a rollback won).
     """
-    from vitops.flows import registry
-
     tags = registry.version_info(versions.name, versions.candidate).tags
     approval = {k: tags.get(f"approval.{k}", "") for k in APPROVAL_TAGS}
     if approval["decision"] != "approved" or approval["flow_run_id"] != flow_run_id:
@@ -553,14 +546,14 @@ def promote_approved(
             f"(the registry has decision={approval['decision'] or 'none'}, flow run "
             f"{approval['flow_run_id'] or 'none'}): champion not moved"
         )
-    move = registry.move_alias(
+    move = aliases.move_alias(
         versions.name, "champion", versions.candidate,
         expect=expect_champion or "none",
         reason=f"approved by {approval['approver']}: {approval['comment'] or reason}".strip(),
         flow_run_id=flow_run_id, approval=approval, override_gate=override_gate,
     )  # fmt: skip
     if _aliases(versions.name).get("pilot") == versions.candidate:
-        registry.move_alias(
+        aliases.move_alias(
             versions.name, "pilot", None, expect=versions.candidate,
             reason=f"pilot over: champion since move {move.seq}", flow_run_id=flow_run_id,
         )  # fmt: skip

@@ -1,7 +1,7 @@
 """The MLflow pyfunc model of a registered vitops version: an image classifier over its fastest usable engine.
 
 `mlflow.pyfunc.load_model("models:/<name>@champion")` builds `ImageClassifier` from the artifacts that
-`flows.registry.register_version` stores: the model folder (`model.json` + weights), the ONNX export, every
+`flows.packaging.register_version` stores: the model folder (`model.json` + weights), the ONNX export, every
 engine with its metadata, and `serving.json` (the bench numbers of each engine, and which one `vitops build`
 chose: `chosen`). At load it tries the chosen engine first, then the others by their recorded batch-1 p50,
 and serves with the first that this machine can run:

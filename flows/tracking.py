@@ -201,6 +201,32 @@ def download_model(model_uri: str, dst: Path) -> Path:
     raise TrackingError(f"{model_uri}: holds no vitops model folder (model.json + weights.safetensors)")
 
 
+def download_artifact(artifact_uri: str, dst: Path) -> Path:
+    """Download one artifact (`runs:/<run>/<path>` or a full artifact URI) into `dst`; its local path.
+
+    Raises:
+        TrackingError: the artifact or the store cannot be reached.
+    """
+    import mlflow
+
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst)))
+    except Exception as err:  # MlflowException, connection and permission errors alike
+        raise TrackingError(f"cannot download {artifact_uri} from MLflow at {mlflow.get_tracking_uri()}: {err}") from err
+
+
+def run_url(run_id: str) -> str:
+    """A link to the run in the MLflow UI, or the command that opens the UI on a local store."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    run = mlflow.get_run(run_id)
+    if uri.startswith("http"):
+        return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    return f"mlflow ui --backend-store-uri {uri}  (then experiment {run.info.experiment_id}, run {run_id})"
+
+
 def find_runs(filter_string: str, max_results: int = 1) -> list[dict[str, Any]]:
     """Runs of the configured experiment matching an MLflow search filter, newest first, as plain dicts."""
     from mlflow import MlflowClient

@@ -21,7 +21,7 @@ import argparse
 import json
 from typing import Any
 
-from vitops.flows import stages
+from vitops.flows import aliases, registry, stages
 from vitops.flows.config import Params
 
 
@@ -103,12 +103,10 @@ def _configure(params: Params) -> None:
 
 def cmd_promote(args: argparse.Namespace, params: Params) -> int:
     """Checked alias move."""
-    from vitops.flows import registry
-
     _configure(params)
     if args.override_gate and not args.reason.strip():
         raise registry.RegistryError("--override-gate needs --reason TEXT: the override is recorded with its reason")
-    record = registry.move_alias(
+    record = aliases.move_alias(
         args.name,
         args.alias,
         args.version,
@@ -122,10 +120,8 @@ def cmd_promote(args: argparse.Namespace, params: Params) -> int:
 
 def cmd_rollback(args: argparse.Namespace, params: Params) -> int:
     """Put back the previous holder of the alias."""
-    from vitops.flows import registry
-
     _configure(params)
-    record = registry.rollback(args.name, args.alias, reason=args.reason)
+    record = aliases.rollback(args.name, args.alias, reason=args.reason)
     print(f"{args.name}@{record.alias}: rolled back {_v(record.from_version)} -> {_v(record.to_version)}")
     return 0
 
@@ -134,10 +130,8 @@ def cmd_history(args: argparse.Namespace, params: Params) -> int:
     """Print the alias history."""
     from dataclasses import asdict
 
-    from vitops.flows import registry
-
     _configure(params)
-    records = registry.history(args.name, args.alias)
+    records = aliases.history(args.name, args.alias)
     if args.json:
         for record in records:
             print(json.dumps(asdict(record), sort_keys=True))
@@ -158,11 +152,9 @@ def cmd_history(args: argparse.Namespace, params: Params) -> int:
 
 def cmd_lineage(args: argparse.Namespace, params: Params) -> int:
     """Print the lineage of one version."""
-    from vitops.flows import registry
-
     _configure(params)
     name, ref = _split_ref(args.ref)
-    info = registry.lineage(name, ref)
+    info = aliases.lineage(name, ref)
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True, default=str))
         return 0
