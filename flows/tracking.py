@@ -213,7 +213,8 @@ def download_artifact(artifact_uri: str, dst: Path) -> Path:
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst)))
     except Exception as err:  # MlflowException, connection and permission errors alike
-        raise TrackingError(f"cannot download {artifact_uri} from MLflow at {mlflow.get_tracking_uri()}: {err}") from err
+        where = mlflow.get_tracking_uri()
+        raise TrackingError(f"cannot download {artifact_uri} from MLflow at {where}: {err}") from err
 
 
 def run_url(run_id: str) -> str:
