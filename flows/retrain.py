@@ -26,37 +26,12 @@ from prefect.states import Completed, Failed
 
 from vitops.flows import stages
 from vitops.flows.config import DEFAULT_PARAMS, Params, load_params
+from vitops.flows.retries import TRANSIENT
+from vitops.flows.retries import is_transient as is_transient  # tests and callers import it from here
 
-TRANSIENT_RETRIES = 2
 # Named end states: a gate that says no is Failed with its reasons (never a traceback), a skip is Completed.
 DATA_GATE_FAILED, KPI_GATE_FAILED, SKIPPED = "Data gate failed", "KPI gate failed", "Skipped"
 ENGINE_GATE_FAILED = "Engine gate failed"
-
-
-def is_transient(error: BaseException | None) -> bool:
-    """Whether a failure is worth a retry: the tracking server or the DVC remote could not be reached. A gate
-    that says no, a bad parameter or a bug fail the same way every time and are never retried."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, ConnectionError | TimeoutError):
-            return True
-        text = str(error)
-        if any(s in text for s in ("Connection refused", "Max retries exceeded", "timed out", "Temporary failure")):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
-def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    try:
-        state.result()
-    except Exception as err:
-        return is_transient(err)
-    return False
-
-
-TRANSIENT = {"retries": TRANSIENT_RETRIES, "retry_delay_seconds": 5, "retry_condition_fn": _retry_transient}
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT)
@@ -175,7 +150,7 @@ def _retrain(params: Params, params_file: str, force: bool, nproc_per_node: int)
     from vitops.deploy.parity import ParityError
     from vitops.flows import tracking
     from vitops.flows.kpis import params_hash
-    from vitops.flows.retrain_records import last_success, publish_artifacts, record_outcome
+    from vitops.flows.records import last_success, publish_artifacts, record_outcome
     from vitops.flows.versioning import code_version
 
     logger = get_run_logger()

@@ -19,7 +19,7 @@ from vitops.deploy.guardrails import (
     routes_to_candidate,
 )
 from vitops.deploy.kpi import KpiError
-from vitops.flows.pilot_stages import PilotError, promotion_checks
+from vitops.flows.promotion import PilotError, promotion_checks
 
 SHAS = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(2000)]
 

@@ -19,7 +19,7 @@ from vitops.flows.config import DEFAULT_PARAMS, Params
 def user_errors() -> tuple[type[BaseException], ...]:
     """Error classes of this group that are user mistakes (imported only when an error is being reported)."""
     from vitops.data_checks.batch import BatchError
-    from vitops.flows.pilot_stages import PilotError
+    from vitops.flows.pilot_batch import PilotError
 
     return (PilotError, BatchError)
 
