@@ -3,11 +3,12 @@ Prefect flow, in the same run, on the quickstart's digits (or fewer images with 
 
     python bench/flow_overhead.py [--images 300] [--epochs 2] [--workdir build/bench/flow]
 
-Direct: each stage function of `flows.stages` in the flow's order, with MLflow tracking on (the same local
-SQLite store), timed one by one. Flow: `retrain(force=True)` on Prefect's ephemeral API, with every stage
-function timed inside its task. Overhead = the flow's wall time minus the time spent inside the stage functions:
-Prefect's task and state bookkeeping, the concurrency slot, the skip check, the parent MLflow run and the
-artifacts. Prints a table per stage and the overhead as a share of the direct wall time (target: at most 10 %).
+Direct: each stage function (flows/validation.py, training.py, ...) in the flow's order, with MLflow tracking
+on (the same local SQLite store), timed one by one. Flow: `retrain(force=True)` on Prefect's ephemeral API,
+with every stage function timed inside its task. Overhead = the flow's wall time minus the time spent inside
+the stage functions: Prefect's task and state bookkeeping, the concurrency slot, the skip check, the parent
+MLflow run and the artifacts. Prints a table per stage and the overhead as a share of the direct wall time
+(target: at most 10 %).
 Run it alone: torch with 2 threads stalls when another process holds a core.
 """
 
@@ -28,7 +29,7 @@ STAGES = ["validate", "train", "evaluate", "build", "bench", "gate", "register"]
 
 
 def _timed(module: object, names: list[str], spent: dict[str, float]) -> None:
-    """Wrap the stage functions of `module` so that the time inside each is added to `spent`."""
+    """Wrap the stage functions that `module` imported so that the time inside each is added to `spent`."""
     for name in names:
         original = getattr(module, name)
 
@@ -58,26 +59,41 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="project-", dir=args.workdir))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root.parent / (root.name + '-mlflow.db')}"
 
-    from flow_fixtures import make_project, set_params
+    from helpers.projects import make_project, set_params
 
-    from vitops.flows import stages
-    from vitops.flows.config import load_params
+    from vitops.flows.benchmark import bench
+    from vitops.flows.config import load_params, params_hash
+    from vitops.flows.engines import build
+    from vitops.flows.evaluation import evaluate
+    from vitops.flows.gate import GateInputs, GateSettings, gate
+    from vitops.flows.registration import RegisterInputs, register
+    from vitops.flows.settings import dataset_of, recipe_for, run_context
+    from vitops.flows.training import train
+    from vitops.flows.validation import validate
 
     params_file = make_project(root, "bench-digits", images=args.images)
     set_params(params_file, train={"epochs": args.epochs}, baseline={"epochs": args.epochs})
     os.chdir(root)
     params = load_params(params_file)
+    data, run, model = dataset_of(params), run_context(params), params.tracking.registered_model
+    vit, baseline = params.train.out_dir / "model", params.baseline.out_dir / "model"
+    t, ev = params.train, params.evaluate
 
     steps = [
-        ("validate", lambda: stages.validate(params)),
-        ("train", lambda: stages.train(params, baseline=True, overwrite=True)),
-        ("evaluate", lambda: stages.evaluate(params, baseline=True)),
-        ("train", lambda: stages.train(params, overwrite=True)),
-        ("evaluate", lambda: stages.evaluate(params)),
-        ("build", lambda: stages.build(params)),
-        ("bench", lambda: stages.bench(params, track=True)),
-        ("gate", lambda: stages.gate(params)),
-        ("register", lambda: stages.register(params)),
+        ("validate", lambda: validate(params.data.raw_dir, params.validate_, params.data)),
+        ("train", lambda: train(recipe_for(params, baseline=True), data, overwrite=True, run=run)),
+        ("evaluate", lambda: evaluate(baseline, data, ev.out_dir / "baseline", "baseline", t.batch_size, run=run)),
+        ("train", lambda: train(recipe_for(params), data, overwrite=True, run=run)),
+        ("evaluate", lambda: evaluate(vit, data, ev.out_dir / "vit", "vit", t.batch_size, run=run)),
+        ("build", lambda: build(vit, data, params.export, params.engine)),
+        (
+            "bench",
+            lambda: bench(
+                vit, params.bench.out, params.bench, params.engine.out_dir, params.export.out, run=run, track=True
+            ),
+        ),  # fmt: skip
+        ("gate", lambda: gate(vit, GateInputs.from_params(params), GateSettings.from_params(params), run)),
+        ("register", lambda: register(vit, RegisterInputs.from_params(params), model, params_hash(params), run)),
     ]
     direct: dict[str, float] = {}
     start = time.perf_counter()
@@ -89,6 +105,7 @@ def main() -> int:
 
     from prefect import flow
 
+    from vitops.flows import retrain as retrain_module
     from vitops.flows.retrain import retrain
 
     @flow
@@ -100,7 +117,7 @@ def main() -> int:
     api_start = time.perf_counter() - t0
 
     inside: dict[str, float] = {}
-    _timed(stages, STAGES, inside)
+    _timed(retrain_module, STAGES, inside)  # the flow's tasks call the stage functions it imported
     start = time.perf_counter()
     state = retrain(params_file=str(params_file), force=True, return_state=True)
     flow_wall = time.perf_counter() - start

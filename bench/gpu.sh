@@ -7,7 +7,7 @@
 # NOT RUN ON A GPU YET: it was written on a CPU-only machine and checked there with `bash -n` and the dry run.
 #
 # The GPU machine has its own Python (3.12) and torch and no internet: the script runs the project from this
-# source tree (PYTHONPATH=.) with whatever packages it finds, prints the versions it used, and lists every
+# source tree (through build/src/vitops, a link to it) with whatever packages it finds, prints the versions it used, and lists every
 # missing wheel that must be brought along (a missing one skips only the checks that need it).
 #
 # Steps (each with its own time limit; a failed or skipped step does not stop the others):
@@ -27,10 +27,15 @@ if [[ $# -ne 1 ]]; then
 fi
 out=$1
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# vitops is one import root that pyproject.toml maps to this folder. Without an install (the GPU machine has
+# no internet for `pip install -e .`), a link named `vitops` to this folder gives the same import root.
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import vitops.flows" 2>/dev/null; then
+  mkdir -p build/src && ln -sfn "$PWD" build/src/vitops
+  export PYTHONPATH="$PWD/build/src${PYTHONPATH:+:$PYTHONPATH}"
+fi
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 DO_NOT_TRACK=true MLFLOW_DISABLE_TELEMETRY=true \
   DVC_NO_ANALYTICS=1 PREFECT_SERVER_ANALYTICS_ENABLED=false GX_ANALYTICS_ENABLED=false TQDM_DISABLE=1
-PY=${PYTHON:-python3}
 TIMM_REPO=${TIMM_REPO:-../pytorch-image-models}
 mkdir -p "$out"
 

@@ -160,3 +160,21 @@ def save_timing_cache(path: Path, data: bytes) -> Path | None:
     if not data:
         return None
     return atomic_write_bytes(Path(path).expanduser(), bytes(data))
+
+
+# Engine files under the engine folder, one subfolder per target (each a DVC output of its own). OpenVINO
+# engines are an IR (xml + bin) in one uncompressed zip per precision.
+ENGINE_FILES = {
+    "onnxruntime-fp32": "onnxruntime/fp32.onnx",
+    "onnxruntime-int8": "onnxruntime/int8.onnx",
+    "openvino-fp32": "openvino/fp32.zip",
+    "openvino-bf16": "openvino/bf16.zip",
+    "openvino-int8": "openvino/int8.zip",
+    "tensorrt-fp16": "tensorrt/fp16.engine",
+    "tensorrt-int8": "tensorrt/int8.engine",
+}
+
+
+def engine_files(root: Path) -> dict[str, Path]:
+    """Backend name -> engine file, for every engine the folder `root` can hold."""
+    return {backend: Path(root) / rel for backend, rel in ENGINE_FILES.items()}

@@ -234,6 +234,12 @@ def ov_runner(path: Path, threads: int = 0) -> Runner:
     return load_ov_engine(path, threads)
 
 
+def cpu_runner(backend: str, path: Path, threads: int = 0) -> Runner:
+    """A batch runner for a CPU engine by its backend name (`onnxruntime-*` or `openvino-*`); `threads` 0 = as
+    tuned at build."""
+    return ov_runner(path, threads) if backend.startswith("openvino") else ort_runner(path, threads)
+
+
 def trt_runner(path: Path) -> Runner:
     """A runner for a TensorRT engine (checked against this GPU and TensorRT version first)."""
     import torch

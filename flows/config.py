@@ -21,7 +21,7 @@ class ParamsError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
 
 class SplitParams(_Section):
@@ -329,7 +329,7 @@ class Params(_Section):
     pilot: PilotParams = Field(default_factory=PilotParams)
     cost: CostParams | None = Field(None, description="prices for the cost KPI; the gate needs them")
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, protected_namespaces=())
 
 
 def _format_error(source: str, err: ValidationError, raw: dict[str, Any]) -> str:
@@ -395,3 +395,19 @@ def load_params(path: Path | str = DEFAULT_PARAMS, must_exist: bool = False) -> 
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
     return parse_params(raw, source=str(path))
+
+
+def with_overrides(params: Params, model_name: str | None = None, data: Path | str | None = None) -> Params:
+    """The run's effective params: a copy with a flow's or command's overrides applied (params are never written
+    to; every stage of a run reads this one copy)."""
+    tracking = params.tracking.model_copy(update={"registered_model": model_name}) if model_name else params.tracking
+    data_params = params.data.model_copy(update={"raw_dir": Path(data)}) if data else params.data
+    return params.model_copy(update={"tracking": tracking, "data": data_params})
+
+
+def params_hash(params: Params) -> str:
+    """sha256 of the effective parameters (after defaults), so two runs with the same settings match."""
+    import hashlib
+
+    text = params.model_dump_json(by_alias=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -3,17 +3,18 @@
     data version (DVC pull when not local) -> validation gate -> CNN baseline (when the gate compares with it)
     -> fine-tune -> evaluate -> export + engines -> bench -> KPI gate -> register (`candidate` if passed)
 
-Each task is a thin wrapper of a stage function of `flows.stages`. Run it with `vitops retrain` (one process,
-Prefect's ephemeral API), `vitops serve` (the deployments served from one process, schedules included), or
-`prefect deploy --all` + a worker (prefect.yaml). A run whose data version, parameters and code version match
-the last successful retrain of that model ends `Skipped` unless `force`; what it compares is recorded on every
-retrain's MLflow run, so the decision holds on any machine that shares the tracking server. One retrain per
-registered model runs at a time: the flow holds the strict global concurrency limit `retrain-<model>`.
+`retrain()` reads params.yaml once; `_run()` below is the path of one run: each task is a one-line wrapper of
+a stage function, returns a typed result, and the next task takes what it needs from it. Run it with `vitops
+retrain` (one process, Prefect's ephemeral API), `vitops serve` (the deployments served from one process,
+schedules included), or `prefect deploy --all` + a worker (prefect.yaml). A run whose data version, parameters
+and code version match the last successful retrain of that model ends `Skipped` unless `force`; what it
+compares is recorded on every retrain's MLflow run, so the decision holds on any machine that shares the
+tracking server. One retrain per registered model runs at a time: the flow holds the strict global
+concurrency limit `retrain-<model>`.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -24,10 +25,19 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed
 
-from vitops.flows import stages
-from vitops.flows.config import DEFAULT_PARAMS, Params, load_params
+from vitops.flows import tracking
+from vitops.flows.benchmark import BenchOutcome, bench
+from vitops.flows.config import DEFAULT_PARAMS, DataParams, Params, load_params, params_hash, with_overrides
+from vitops.flows.engines import BuildResult, build
+from vitops.flows.evaluation import EvaluateResult, evaluate
+from vitops.flows.gate import GateInputs, GateResult, GateSettings, champion_version, gate
+from vitops.flows.records import last_success, publish_artifacts, record_outcome
+from vitops.flows.registration import RegisterInputs, RegisterResult, register
 from vitops.flows.retries import TRANSIENT
-from vitops.flows.retries import is_transient as is_transient  # tests and callers import it from here
+from vitops.flows.settings import Dataset, Recipe, recipe_for, run_context
+from vitops.flows.tracking import RunContext
+from vitops.flows.training import TrainResult, read_train_result, train
+from vitops.flows.validation import ValidateResult, current_data_version, validate
 
 # Named end states: a gate that says no is Failed with its reasons (never a traceback), a skip is Completed.
 DATA_GATE_FAILED, KPI_GATE_FAILED, SKIPPED = "Data gate failed", "KPI gate failed", "Skipped"
@@ -35,60 +45,60 @@ ENGINE_GATE_FAILED = "Engine gate failed"
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT)
-def data_version_task(params: Params) -> str:
+def data_version_task(raw: Path, data: DataParams) -> str:
     """The DVC data version of the training data, pulled from the remote when it is not here."""
-    from vitops.flows.versioning import data_version, pull_data
-
-    raw = Path(params.data.raw_dir)
-    if not raw.is_dir() or not any(raw.iterdir()):
-        return pull_data(raw, params.data.remote, params.data.remote_name) or "untracked"
-    return data_version(raw) or "untracked"
+    return current_data_version(raw, data)
 
 
 @task(cache_policy=NO_CACHE)
-def validate_task(params: Params) -> stages.ValidateResult:
+def validate_task(params: Params, raw: Path) -> ValidateResult:
     """The Great Expectations data gate."""
-    return stages.validate(params)
+    return validate(raw, params.validate_, params.data)
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT)
-def train_task(params: Params, baseline: bool, nproc_per_node: int, params_file: str) -> Any:
+def train_task(recipe: Recipe, dataset: Dataset, run: RunContext, nproc_per_node: int, params_file: str) -> TrainResult:
     """Fine-tune the ViT (or train the CNN baseline); several GPUs through torchrun when asked."""
-    if nproc_per_node <= 1 or baseline:
-        return stages.train(params, baseline=baseline, overwrite=True)
+    if nproc_per_node <= 1 or recipe.kind == "baseline":
+        return train(recipe, dataset, overwrite=True, run=run)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}", "-m", "vitops"]
     subprocess.run([*cmd, "--params", params_file, "train", "--overwrite"], check=True)
-    return Path(params.train.out_dir) / "model"
+    return read_train_result(recipe.kind, recipe.out_dir)
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT)
-def evaluate_task(params: Params, baseline: bool) -> stages.EvaluateResult:
+def evaluate_task(trained: TrainResult, dataset: Dataset, out: Path, params: Params, run: RunContext) -> EvaluateResult:
     """Evaluate on the held-out test split."""
-    return stages.evaluate(params, baseline=baseline)
+    t = params.train
+    return evaluate(trained.model_dir, dataset, out, trained.kind, t.batch_size, t.workers, params.evaluate.ece_bins,
+                    run=run)  # fmt: skip
 
 
 @task(cache_policy=NO_CACHE)
-def build_task(params: Params) -> stages.BuildResult:
+def build_task(trained: TrainResult, dataset: Dataset, params: Params) -> BuildResult:
     """ONNX export and the engines of the target, each behind its parity gate."""
-    return stages.build(params)
+    return build(trained.model_dir, dataset, params.export, params.engine)
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT)
-def bench_task(params: Params) -> stages.BenchOutcome:
+def bench_task(trained: TrainResult, built: BuildResult, params: Params, run: RunContext) -> BenchOutcome:
     """Batch-1 latency and throughput of every engine."""
-    return stages.bench(params, track=True)
+    return bench(trained.model_dir, params.bench.out, params.bench, built.engine_dir, built.onnx.path, run=run,
+                 track=True)  # fmt: skip
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT)
-def gate_task(params: Params) -> Any:
+def gate_task(trained: TrainResult, inputs: GateInputs, settings: GateSettings, run: RunContext) -> GateResult:
     """The three-KPI gate against the champion or the baseline."""
-    return stages.gate(params)
+    return gate(trained.model_dir, inputs, settings, run)
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT)
-def register_task(params: Params, flow_run_id: str) -> Any:
+def register_task(
+    trained: TrainResult, inputs: RegisterInputs, model: str, hashed: str, run: RunContext, flow_run_id: str
+) -> RegisterResult:
     """Register the candidate; `candidate` points at it only when its gate passed."""
-    return stages.register(params, flow_run_id=flow_run_id)
+    return register(trained.model_dir, inputs, model, hashed, run, flow_run_id)
 
 
 def limit_name(model: str) -> str:
@@ -132,80 +142,106 @@ def retrain(
     """
     from prefect.concurrency.sync import concurrency
 
-    params = load_params(params_file, must_exist=params_file != str(DEFAULT_PARAMS))
-    if model_name:
-        params.tracking.registered_model = model_name
-    if data:
-        params.data.raw_dir = Path(data)
-    name = params.tracking.registered_model
-    limit = limit_name(name)
+    loaded = load_params(params_file, must_exist=params_file != str(DEFAULT_PARAMS))
+    params = with_overrides(loaded, model_name=model_name, data=data)
+    limit = limit_name(params.tracking.registered_model)
     ensure_limit(limit)
     with concurrency(limit, occupy=1, strict=True, timeout_seconds=params.retrain.wait_timeout_s):
-        return _retrain(params, params_file, force, nproc_per_node or params.retrain.nproc_per_node)
+        return _run(params, params_file, force, nproc_per_node or params.retrain.nproc_per_node)
 
 
-def _retrain(params: Params, params_file: str, force: bool, nproc_per_node: int) -> Any:
+def _run(params: Params, params_file: str, force: bool, nproc_per_node: int) -> Any:
+    """One retrain, top to bottom: each stage's result feeds the next."""
     from prefect.runtime import flow_run
 
     from vitops.deploy.parity import ParityError
-    from vitops.flows import tracking
-    from vitops.flows.kpis import params_hash
-    from vitops.flows.records import last_success, publish_artifacts, record_outcome
     from vitops.flows.versioning import code_version
 
-    logger = get_run_logger()
-    name = params.tracking.registered_model
+    name, raw = params.tracking.registered_model, Path(params.data.raw_dir)
     inputs = {
-        "data_version": data_version_task(params),
+        "data_version": data_version_task(raw, params.data),
         "params_hash": params_hash(params),
         "code_version": code_version(),
     }
-    tracking.configure(params.tracking.uri, params.tracking.experiment)
+    run = run_context(params)
+    run.configure()
     previous = last_success(name)
     if previous and previous["inputs"] == inputs and not force:
         message = (
             f"skipped: data {inputs['data_version']}, parameters and code match the last successful retrain of "
             f"{name} (MLflow run {previous['run_id']}, version {previous['version']}); pass force=true to retrain"
         )
-        logger.info(message)
+        get_run_logger().info(message)
         return Completed(name=SKIPPED, message=message)
-    run_id = str(flow_run.id or "")
-    tags = {"stage": "retrain", "vitops.model": name, "prefect.flow_run_id": run_id}
+    flow_run_id = str(flow_run.id or "")
+    tags = {"stage": "retrain", "vitops.model": name, "prefect.flow_run_id": flow_run_id}
     tags |= {f"vitops.{k}": v for k, v in inputs.items()}
     if flow_run.ui_url:
         tags["prefect.flow_run_url"] = flow_run.ui_url
     with tracking.start_run(f"retrain-{name}", tags=tags) as parent:
-        os.environ["VITOPS_PARENT_RUN_ID"] = parent.run_id  # stage runs become its children, in every thread
+        run = run_context(params, parent_run_id=parent.run_id)  # every stage's run becomes its child
+        checked = validate_task(params, raw)
+        if not checked.passed:
+            reasons = "; ".join(checked.failures) or "see the validation report"
+            record_outcome(parent, "data-gate-failed", None)
+            publish_artifacts(name, parent.run_id, None, None, checked)
+            message = f"data gate failed for {checked.data}: {reasons} ({checked.report_path})"
+            return Failed(name=DATA_GATE_FAILED, message=message)
+        dataset = checked.dataset
+        references = GateInputs.from_params(params)
+        if _needs_baseline(params):
+            baseline = train_task(recipe_for(params, baseline=True), dataset, run, 1, params_file)
+            scored = evaluate_task(baseline, dataset, references.baseline_eval, params, run)
+            references = _with_baseline(references, baseline, scored)
+        trained = train_task(recipe_for(params), dataset, run, nproc_per_node, params_file)
+        evaluated = evaluate_task(trained, dataset, params.evaluate.out_dir / "vit", params, run)
         try:
-            checked = validate_task(params)
-            if not checked.passed:
-                reasons = "; ".join(checked.failures) or "see the validation report"
-                record_outcome(parent, "data-gate-failed", None)
-                publish_artifacts(name, parent.run_id, None, None, checked)
-                message = f"data gate failed for {checked.data}: {reasons} ({checked.report_path})"
-                return Failed(name=DATA_GATE_FAILED, message=message)
-            if _needs_baseline(params):
-                train_task(params, True, 1, params_file)
-                evaluate_task(params, True)
-            train_task(params, False, nproc_per_node, params_file)
-            evaluate_task(params, False)
-            try:
-                build_task(params)
-            except ParityError as err:  # an explicit engine target whose parity gate said no
-                record_outcome(parent, "engine-gate-failed", None)
-                return Failed(name=ENGINE_GATE_FAILED, message=f"{err}; nothing registered, no alias moved")
-            bench_task(params)
-            gate = gate_task(params)
-            registered = register_task(params, run_id)
-        finally:
-            os.environ.pop("VITOPS_PARENT_RUN_ID", None)
-        record_outcome(parent, "passed" if gate.passed else "kpi-gate-failed", registered.version)
-        publish_artifacts(name, parent.run_id, gate, registered, checked)
-    summary = f"{name} version {registered.version}: KPI gate {gate.decision.summary()}"
-    if not gate.passed:
-        failed = [c.reason for c in gate.decision.checks if not c.passed]
+            built = build_task(trained, dataset, params)
+        except ParityError as err:  # an explicit engine target whose parity gate said no
+            record_outcome(parent, "engine-gate-failed", None)
+            return Failed(name=ENGINE_GATE_FAILED, message=f"{err}; nothing registered, no alias moved")
+        benched = bench_task(trained, built, params, run)
+        gate_inputs = _with_candidate(references, evaluated, benched, dataset)
+        gated = gate_task(trained, gate_inputs, GateSettings.from_params(params), run)
+        records = _register_inputs(checked, built, benched, gated)
+        registered = register_task(trained, records, name, inputs["params_hash"], run, flow_run_id)
+        record_outcome(parent, "passed" if gated.passed else "kpi-gate-failed", registered.version)
+        publish_artifacts(name, parent.run_id, gated, registered, checked)
+    summary = f"{name} version {registered.version}: KPI gate {gated.decision.summary()}"
+    if not gated.passed:
+        failed = [c.reason for c in gated.decision.checks if not c.passed]
         return Failed(name=KPI_GATE_FAILED, message=f"{summary}; registered without `candidate`. " + " ".join(failed))
     return Completed(message=f"{summary}; alias candidate -> version {registered.version}")
+
+
+def _with_baseline(references: GateInputs, baseline: TrainResult, scored: EvaluateResult) -> GateInputs:
+    """The gate's references with the baseline this run trained and evaluated."""
+    from dataclasses import replace
+
+    return replace(references, baseline_model=baseline.model_dir, baseline_eval=scored.out_dir)
+
+
+def _with_candidate(
+    references: GateInputs, evaluated: EvaluateResult, benched: BenchOutcome, dataset: Dataset
+) -> GateInputs:
+    """The gate's inputs: this run's candidate evaluation and bench, on this run's data."""
+    from dataclasses import replace
+
+    return replace(references, candidate_eval=evaluated.out_dir, bench=benched.out, dataset=dataset)
+
+
+def _register_inputs(
+    checked: ValidateResult, built: BuildResult, benched: BenchOutcome, gated: GateResult
+) -> RegisterInputs:
+    """What the registration records, from the results of this run's stages."""
+    return RegisterInputs(
+        decision=gated.decision_file,
+        bench=benched.out,
+        engine_dir=built.engine_dir,
+        onnx=built.onnx.path,
+        validation_report=checked.report_path,
+        manifest=checked.manifest_path,
+    )
 
 
 def _needs_baseline(params: Params) -> bool:
@@ -215,6 +251,4 @@ def _needs_baseline(params: Params) -> bool:
         return True  # compared with it, or distilled from it
     if params.gate.reference == "champion":
         return False
-    from vitops.flows.kpis import champion_version
-
-    return champion_version(params) is None
+    return champion_version(params.tracking.registered_model) is None

@@ -55,6 +55,20 @@ def configure(uri: str, experiment: str) -> str:
 _experiment_id: str | None = None  # set by `configure`; runs are created in it
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """Where a stage logs: the tracking server and experiment (`MLFLOW_TRACKING_URI` wins over `uri`), and the
+    run its records go under (a retrain's parent run), passed down as an argument."""
+
+    uri: str
+    experiment: str
+    parent_run_id: str | None = None
+
+    def configure(self) -> str:
+        """Point MLflow at this context's server and experiment; the tracking URI in effect."""
+        return configure(self.uri, self.experiment)
+
+
 @dataclass
 class RunHandle:
     """One MLflow run; everything logged through it goes to `run_id`, whatever run is active in the process.
@@ -147,15 +161,14 @@ def start_run(
         run_name: shown in the MLflow UI.
         tags: string tags.
         parent_run_id: make it a child of this run; by default the child of the run already active in this
-            process (a flow's), if any.
+            process through MLflow's fluent API, if any.
     """
     import mlflow
     from mlflow import MlflowClient
 
     tags = {k: str(v) for k, v in (tags or {}).items()}
     active = mlflow.active_run()
-    # A flow's run is the parent: given, active in this thread, or named by the flow for all its threads
-    parent = parent_run_id or (active.info.run_id if active else None) or os.environ.get("VITOPS_PARENT_RUN_ID")
+    parent = parent_run_id or (active.info.run_id if active else None)
     if parent:
         tags["mlflow.parentRunId"] = parent
     try:
@@ -324,11 +337,14 @@ def _short(value: Any, limit: int = 500) -> str:
 
 @contextlib.contextmanager
 def start_or_resume_run(
-    run_name: str, run_id: str | None = None, tags: Mapping[str, Any] | None = None
+    run_name: str,
+    run_id: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    parent_run_id: str | None = None,
 ) -> Iterator[RunHandle]:
     """Continue run `run_id` when the server has it (a resumed training; evaluation logging into the run that
     trained the model); otherwise open a new run named `run_name` with `tags` (a child of the active run, if
-    any). Continuing the run that is active in this process leaves its status to its owner."""
+    any, or of `parent_run_id`). Continuing the run that is active in this process leaves its status to its owner."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -346,5 +362,5 @@ def start_or_resume_run(
             with _running(run_id, run.info.artifact_uri, end=owned) as handle:
                 yield handle
             return
-    with start_run(run_name, tags) as handle:
+    with start_run(run_name, tags, parent_run_id) as handle:
         yield handle

@@ -1,22 +1,53 @@
-"""One training run of a recipe: data, model and teacher, the fit, the model folder and its MLflow run.
+"""The training stage: one run of a recipe (the ViT fine-tune or the CNN baseline) on the validated data, and
+the offline quickstart's stand-in checkpoint.
 
-`flows.stages.train` is the entry point; this module holds its body so the stage API reads as an index.
+    train(recipe, dataset, run=...)         data, model and teacher, the fit, the model folder, its MLflow run
+                                                                                            -> TrainResult
+    pretrain_standin(spec, out)             the stand-in "external" checkpoint (not public weights) -> PretrainResult
+
+Under torchrun every rank calls `train`; only rank 0 writes and logs.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vitops.common.files import atomic_write_json
-from vitops.flows.config import Params
-from vitops.flows.recipe import Recipe, load_rows, same_named
+from vitops.flows import tracking
+from vitops.flows.settings import Dataset, Recipe
+from vitops.flows.tracking import RunContext
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    kind: str  # vit | baseline
+    model_dir: Path
+    out_dir: Path
+    best_epoch: int
+    epochs_run: int
+    metrics: dict[str, float]
+    train_seconds: float
+    device: str
+    world_size: int
+    data_version: str | None
+    run_id: str | None
+    is_main: bool = True
+
+
+@dataclass
+class PretrainResult:
+    path: Path
+    val_top1: float
+
 
 # Small fine-tuning sets are decoded once and kept in memory; larger ones are decoded every epoch.
 _CACHE_BYTES = 4 * 2**30
@@ -33,9 +64,7 @@ def resolve_source(source: str, work: Path) -> str:
     """`mlflow:models:/...` becomes `file:<downloaded model folder>`; other sources pass through."""
     if not source.startswith("mlflow:"):
         return source
-    from vitops.flows.tracking import download_model
-
-    return f"file:{download_model(source.removeprefix('mlflow:'), work)}"
+    return f"file:{tracking.download_model(source.removeprefix('mlflow:'), work)}"
 
 
 def load_teacher_model(source: str | None, classes: list[str], meta: Any, work: Path) -> tuple[Any, str | None]:
@@ -59,42 +88,43 @@ def load_teacher_model(source: str | None, classes: list[str], meta: Any, work: 
     return teacher, sha
 
 
-def run_training(
-    params: Params,
+def train(
     recipe: Recipe,
-    out_dir: Path,
-    root: Path,
-    device: str | None,
-    resume: bool,
-    overwrite: bool,
-    track: bool,
-) -> Any:
-    """Train `recipe` and return a `flows.stages.TrainResult`."""
+    dataset: Dataset,
+    device: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    run: RunContext | None = None,
+    track: bool = True,
+) -> TrainResult:
+    """Fine-tune the ViT (or train the CNN baseline) of `recipe` on the validated data; write OUT_DIR/model,
+    checkpoints and train_metrics.json; with `track`, log the run to the MLflow of `run` (which also serves
+    `mlflow:` weight sources and teachers)."""
     import torch
 
-    from vitops.flows import tracking
-    from vitops.flows.stages import TrainResult
     from vitops.vit.data import AugmentParams, class_names, create_dataset, resolve_meta
     from vitops.vit.distributed import close_distributed, init_distributed
     from vitops.vit.sources import create_model
     from vitops.vit.train import TrainConfig, fit
 
+    out_dir, root = recipe.out_dir, dataset.root
     cfg = TrainConfig(**recipe.config)
     baseline = recipe.kind == "baseline"
-    rows = load_rows(params)
-    classes = class_names(rows, params.data.classes)
+    rows = dataset.rows()
+    classes = class_names(rows, list(dataset.classes))
     dist = init_distributed(device)
     try:
-        track = dist.is_main and track
-        if track or any(str(src).startswith("mlflow:") for src in (recipe.source, recipe.teacher)):
-            tracking.configure(params.tracking.uri, params.tracking.experiment)
+        track = dist.is_main and track and run is not None
+        registered = any(str(src).startswith("mlflow:") for src in (recipe.source, recipe.teacher))
+        if run is not None and (track or registered):
+            run.configure()
         with tempfile.TemporaryDirectory(prefix="vitops-source-") as work:
             source = resolve_source(recipe.source, Path(work))
             torch.manual_seed(cfg.seed)  # the new head starts the same in every run and on every rank
             model, arch, kwargs = create_model(
                 source, recipe.model, len(classes), recipe.img_size, recipe.model_kwargs, allow_scratch=True
             )
-            meta = resolve_meta(model, arch, classes, recipe.img_size, kwargs, crop_pct=params.train.crop_pct)
+            meta = resolve_meta(model, arch, classes, recipe.img_size, kwargs, crop_pct=recipe.crop_pct)
             teacher, teacher_sha = load_teacher_model(recipe.teacher, classes, meta, Path(work) / "teacher")
         if recipe.source == "scratch" and not baseline:
             log.warning("training the ViT from random weights (source: scratch) as explicitly configured")
@@ -104,7 +134,7 @@ def run_training(
         )
         if teacher is not None:
             meta.extra.update(teacher=recipe.teacher, distill=cfg.distill)
-        augment = AugmentParams(**same_named(AugmentParams, params.train))
+        augment = AugmentParams(**recipe.augment)
         cache = fits_in_memory(rows)
         train_set = create_dataset(root, rows, meta, "train", augment, cache=cache)
         val_set = create_dataset(root, rows, meta, "val", cache=cache)
@@ -187,21 +217,54 @@ def run_training(
             "data_version": data_version or "unknown",
             "git_commit": meta.extra["git_commit"],
         }
-        with tracking.start_or_resume_run(f"train-{recipe.kind}", run_id=previous, tags=tags) as run:
+        assert run is not None
+        name = f"train-{recipe.kind}"
+        with tracking.start_or_resume_run(name, run_id=previous, tags=tags, parent_run_id=run.parent_run_id) as handle:
             run_id_file.parent.mkdir(parents=True, exist_ok=True)
-            run_id_file.write_text(run.run_id)
+            run_id_file.write_text(handle.run_id)
             if previous is None:
-                run.log_params(run_params)
-            result, seconds = run_fit(tracking.epoch_logger(run))
-            meta.extra["mlflow_run_id"] = run.run_id
+                handle.log_params(run_params)
+            result, seconds = run_fit(tracking.epoch_logger(handle))
+            meta.extra["mlflow_run_id"] = handle.run_id
             model_dir = write_outputs(result, seconds)
             best = {f"best_{k}": v for k, v in result.best.items()}
-            run.log_metrics(best | {"best_epoch": result.best_epoch, "train_seconds": seconds})
-            run.log_artifact(model_dir, artifact_path="model")
-            run.log_artifact(out_dir / "checkpoints" / "last.pt", artifact_path="checkpoints")
-        return outcome(result, seconds, run.run_id)
+            handle.log_metrics(best | {"best_epoch": result.best_epoch, "train_seconds": seconds})
+            handle.log_artifact(model_dir, artifact_path="model")
+            handle.log_artifact(out_dir / "checkpoints" / "last.pt", artifact_path="checkpoints")
+        return outcome(result, seconds, handle.run_id)
     finally:
         close_distributed()
+
+
+def read_train_result(kind: str, out_dir: Path) -> TrainResult:
+    """The result of a training run another process made (torchrun's workers), from the files it wrote."""
+    from vitops.vit.bundle import read_meta
+
+    summary = json.loads((out_dir / "train_metrics.json").read_text(encoding="utf-8"))
+    meta = read_meta(out_dir / "model")
+    best = {k: float(v) for k, v in summary.items() if k.startswith(("val_", "train_"))}
+    return TrainResult(
+        kind=kind,
+        model_dir=out_dir / "model",
+        out_dir=out_dir,
+        best_epoch=int(summary["best_epoch"]),
+        epochs_run=int(summary["epochs_run"]),
+        metrics={k: v for k, v in best.items() if k not in ("train_seconds", "train_device_hours")},
+        train_seconds=float(summary["train_seconds"]),
+        device=str(meta.extra.get("device", "")),
+        world_size=int(summary.get("world_size", 1)),
+        data_version=meta.extra.get("data_version"),
+        run_id=meta.extra.get("mlflow_run_id"),
+    )
+
+
+def pretrain_standin(spec: Any, out: Path, work_dir: Path = Path("artifacts/standin-work")) -> PretrainResult:
+    """Pretrain the stand-in "external" checkpoint of the offline quickstart (not public weights) into `out`;
+    its own checkpoints go to `work_dir`, never next to the shipped file."""
+    from vitops.vit.standin import pretrain_standin as _pretrain
+
+    info = _pretrain(spec, Path(out), work_dir=work_dir)
+    return PretrainResult(path=Path(out), val_top1=float(info["val_top1"]))
 
 
 def _data_version(root: Path) -> str | None:

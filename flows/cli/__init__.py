@@ -1,4 +1,4 @@
-"""The `vitops` command line: one subcommand per pipeline stage, each a thin caller of `flows.stages`.
+"""The `vitops` command line: one subcommand per pipeline stage, each a thin caller of a stage function.
 
 Run `vitops --help`. Every command reads `params.yaml` (or `--params FILE`); the flags a command offers
 override single values from it. Each command group lives in its own module of this package and registers

@@ -177,11 +177,12 @@ def cmd_validate(args: argparse.Namespace, params: Params) -> int:
         for handler in logging.getLogger().handlers:
             handler.addFilter(_quiet_gx)
 
-    from vitops.flows import stages
+    from vitops.flows.validation import validate
 
-    result = stages.validate(
-        params,
-        data=args.data,
+    result = validate(
+        Path(args.data or params.data.raw_dir),
+        params.validate_,
+        params.data,
         report=args.report,
         manifest=args.manifest,
         reference=args.reference,

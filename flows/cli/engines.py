@@ -13,10 +13,11 @@ wrote (`train.out_dir`/model). Engines go to `engine.out_dir`, each with a `.jso
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
-from vitops.flows import stages
 from vitops.flows.config import Params
+from vitops.flows.settings import dataset_of, model_folder, run_context
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -87,15 +88,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_export(args: argparse.Namespace, params: Params) -> int:
     """Export to ONNX and hold it to the parity gate; a failing gate leaves no file."""
-    result = stages.export(params, model_dir=args.model_dir, out=args.out, exporter=args.exporter)
+    from vitops.flows.engines import export
+
+    model_dir, out = model_folder(args.model_dir, params), Path(args.out or params.export.out)
+    result = export(model_dir, dataset_of(params), out, params.export, params.engine.ort_threads, args.exporter)
     print(f"wrote {result.path} ({result.exporter} exporter, opset {result.opset}); parity: {_parity(result.parity)}")
     return 0
 
 
 def cmd_build(args: argparse.Namespace, params: Params) -> int:
     """Build the engines of the target; TensorRT falls back to ONNX Runtime (visibly) without CUDA."""
-    result = stages.build(
-        params, model_dir=args.model_dir, target=args.target, precision=args.precision, quantization=args.quantization
+    from vitops.flows.engines import build
+
+    model_dir = model_folder(args.model_dir, params)
+    result = build(
+        model_dir, dataset_of(params), params.export, params.engine, args.target, args.precision, args.quantization
     )
     if result.notice:
         print(f"vitops build: {result.notice}")
@@ -121,8 +128,18 @@ def cmd_build(args: argparse.Namespace, params: Params) -> int:
 
 def cmd_bench(args: argparse.Namespace, params: Params) -> int:
     """Time torch and every built engine; print the table, write the JSON, log to MLflow."""
-    result = stages.bench(
-        params, model_dir=args.model_dir, out=args.out, iters=args.iters, device=args.device, track=args.track
+    from vitops.flows.benchmark import bench
+
+    result = bench(
+        model_folder(args.model_dir, params),
+        Path(args.out or params.bench.out),
+        params.bench,
+        params.engine.out_dir,
+        params.export.out,
+        iters=args.iters,
+        device=args.device,
+        run=run_context(params),
+        track=args.track,
     )
     for note in result.skipped:
         print(f"vitops bench: {note}")

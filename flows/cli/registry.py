@@ -21,14 +21,15 @@ import argparse
 import json
 from typing import Any
 
-from vitops.flows import aliases, registry, stages
-from vitops.flows.config import Params
+from vitops.flows import aliases, registry
+from vitops.flows.config import Params, params_hash
+from vitops.flows.settings import model_folder, run_context
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Error classes of this group that are user mistakes (imported only when an error is being reported)."""
     from vitops.deploy.kpi import KpiError
-    from vitops.flows.kpis import GateInputError
+    from vitops.flows.gate import GateInputError
     from vitops.flows.registry import RegistryError
     from vitops.flows.tracking import TrackingError
 
@@ -75,7 +76,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_gate(args: argparse.Namespace, params: Params) -> int:
     """Apply the KPI gate; 0 when it passes, 1 when it fails."""
-    result = stages.gate(params, model_dir=args.model_dir, track=not args.no_tracking)
+    from vitops.flows.gate import GateInputs, GateSettings, gate
+
+    model_dir = model_folder(args.model_dir, params)
+    inputs, settings = GateInputs.from_params(params), GateSettings.from_params(params)
+    result = gate(model_dir, inputs, settings, run_context(params), track=not args.no_tracking)
     ref = f"{result.reference_kind} v{result.reference_version}" if result.reference_version else result.reference_kind
     print(f"KPIs of {result.candidate.label} against the {ref}:")
     print(result.table)
@@ -88,7 +93,11 @@ def cmd_gate(args: argparse.Namespace, params: Params) -> int:
 
 def cmd_register(args: argparse.Namespace, params: Params) -> int:
     """Register the candidate."""
-    result = stages.register(params, model_dir=args.model_dir)
+    from vitops.flows.registration import RegisterInputs, register
+
+    inputs = RegisterInputs.from_params(params)
+    model_dir = model_folder(args.model_dir, params)
+    result = register(model_dir, inputs, params.tracking.registered_model, params_hash(params), run_context(params))
     verdict = "passed" if result.gate_passed else "FAILED"
     alias = "; alias candidate -> this version" if result.candidate else "; no alias (the gate failed)"
     print(f"registered {result.name} version {result.version} (KPI gate {verdict}){alias}")
@@ -96,9 +105,7 @@ def cmd_register(args: argparse.Namespace, params: Params) -> int:
 
 
 def _configure(params: Params) -> None:
-    from vitops.flows import tracking
-
-    tracking.configure(params.tracking.uri, params.tracking.experiment)
+    run_context(params).configure()
 
 
 def cmd_promote(args: argparse.Namespace, params: Params) -> int:

@@ -6,7 +6,7 @@ vitops train [--baseline] [--source SRC] [--resume | --overwrite] [--epochs N] [
              [--device cpu|cuda] [--no-tracking]
         fine-tune the ViT from `train.source` (or train the CNN baseline) on the validated data; writes
         OUT_DIR/model (weights.safetensors + model.json), OUT_DIR/checkpoints and OUT_DIR/train_metrics.json.
-        Multi-GPU / multi-node: `torchrun --nproc_per_node N -m flows.cli train ...`
+        Multi-GPU / multi-node: `torchrun --nproc_per_node N -m vitops train ...`
 vitops evaluate [MODEL_DIR] [--baseline] [--out DIR] [--data DIR] [--no-tracking]
         held-out test split: OUT/metrics.json (flat keys, DVC metrics), confusion_matrix.png, reliability.png
 """
@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vitops.flows import stages
 from vitops.flows.config import Params
+from vitops.flows.settings import dataset_of, recipe_for, run_context, same_named
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -68,23 +68,30 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_pretrain_standin(args: argparse.Namespace, params: Params) -> int:
     """Pretrain the stand-in checkpoint (offline quickstart)."""
-    result = stages.pretrain_standin(params, out=args.out, images=args.images, epochs=args.epochs)
+    from vitops.flows.training import pretrain_standin
+    from vitops.vit.standin import StandinSpec
+
+    p = params.pretrain
+    spec = StandinSpec(**same_named(StandinSpec, p))
+    spec.images = args.images or p.images
+    spec.epochs = args.epochs or p.epochs
+    result = pretrain_standin(spec, Path(args.out or p.out))
     print(f"wrote {result.path} (stand-in, NOT public weights; character val top-1 {result.val_top1:.3f})")
     return 0
 
 
 def cmd_train(args: argparse.Namespace, params: Params) -> int:
     """Fine-tune (or train the baseline), write the model folder, log to MLflow."""
-    result = stages.train(
-        params,
-        baseline=args.baseline,
-        source=args.source,
-        epochs=args.epochs,
-        out_dir=args.out_dir,
-        data=args.data,
+    from vitops.flows.training import train
+
+    recipe = recipe_for(params, args.baseline, source=args.source, epochs=args.epochs, out_dir=args.out_dir)
+    result = train(
+        recipe,
+        dataset_of(params, args.data),
         device=args.device,
         resume=args.resume,
         overwrite=args.overwrite,
+        run=run_context(params),
         track=not args.no_tracking,
     )
     if result.is_main:
@@ -98,14 +105,20 @@ def cmd_train(args: argparse.Namespace, params: Params) -> int:
 
 def cmd_evaluate(args: argparse.Namespace, params: Params) -> int:
     """Evaluate a model folder on the test split; write metrics JSON, predictions and plots; log them to MLflow."""
-    result = stages.evaluate(
-        params,
-        model_dir=args.model_dir,
-        baseline=args.baseline,
-        out=args.out,
-        data=args.data,
+    from vitops.flows.evaluation import evaluate
+
+    kind = "baseline" if args.baseline else "vit"
+    model_dir = Path(args.model_dir or (params.baseline.out_dir if args.baseline else params.train.out_dir) / "model")
+    result = evaluate(
+        model_dir,
+        dataset_of(params, args.data),
+        Path(args.out or params.evaluate.out_dir / kind),
+        kind=kind,
+        batch_size=params.train.batch_size,
+        workers=params.train.workers,
+        ece_bins=params.evaluate.ece_bins,
         device=args.device,
-        track=not args.no_tracking,
+        run=run_context(params) if not args.no_tracking else None,
     )
     m = result.metrics
     top5 = f", top-5 {m['test_top5']:.4f}" if "test_top5" in m else ""
