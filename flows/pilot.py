@@ -28,7 +28,7 @@ from prefect.input import RunInput
 from prefect.states import Completed, Failed
 from pydantic import Field
 
-from vitops.flows import aliases, records, registry, tracking
+from vitops.flows import aliases, records, registry
 from vitops.flows.config import DEFAULT_PARAMS, PilotParams, load_params
 from vitops.flows.pilot_batch import (
     CANARY,
@@ -55,6 +55,8 @@ from vitops.flows.promotion import (
     rollback_champion,
 )
 from vitops.flows.retries import TRANSIENT
+from vitops.flows.settings import run_context
+from vitops.flows.tracking import RunContext
 
 # Named end states: bad news is Failed with its reasons, never a traceback.
 BATCH_REJECTED, REFUSED, BREACH = "Batch rejected", "Refused", "Guardrail breach"
@@ -70,9 +72,9 @@ class Approval(RunInput):
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT)
-def versions_task(name: str, ref: str, tracking_uri: str, experiment: str) -> Versions:
+def versions_task(name: str, ref: str, run: RunContext) -> Versions:
     """The candidate, the champion and the pilot as the registry has them now."""
-    return resolve_versions(name, ref, tracking_uri, experiment)
+    return resolve_versions(name, ref, run)
 
 
 @task(cache_policy=NO_CACHE)
@@ -131,8 +133,8 @@ def pilot(
     run_id = str(flow_run.id or "")
     skip = list(skip or [])
     if stage == ROLLBACK:
-        return _rollback(name, reason, run_id, params.tracking.uri, params.tracking.experiment)
-    versions = versions_task(name, version, params.tracking.uri, params.tracking.experiment)
+        return _rollback(name, reason, run_id, run_context(params))
+    versions = versions_task(name, version, run_context(params))
     if versions.champion == versions.candidate:
         return Failed(name=REFUSED, message=f"version {versions.candidate} of {versions.name} is the champion already: "
                       "nothing to pilot; name the candidate with version=...")  # fmt: skip
@@ -250,8 +252,8 @@ def _promote(versions: Versions, skip: list[str], reason: str, run_id: str, sett
     return Completed(message=message)
 
 
-def _rollback(name: str, reason: str, run_id: str, tracking_uri: str, experiment: str) -> Any:
-    tracking.configure(tracking_uri, experiment)
+def _rollback(name: str, reason: str, run_id: str, run: RunContext) -> Any:
+    run.configure()
     try:
         move = rollback_champion(name, reason, run_id)
     except (PilotError, registry.RegistryError) as err:

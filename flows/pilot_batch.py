@@ -25,6 +25,7 @@ from vitops.common.files import atomic_write_json, utc_now
 from vitops.flows import registry, tracking
 from vitops.flows.config import PilotParams, ValidateParams
 from vitops.flows.scoring import Answers, accuracy_of, load_classifier, measures_of, model_rows, score
+from vitops.flows.tracking import RunContext
 
 SHADOW, CANARY = "shadow", "canary"
 
@@ -44,16 +45,15 @@ class Versions:
     tags: dict[str, str] = field(default_factory=dict)  # the candidate's, as read when the run started
 
 
-def resolve_versions(name: str, ref: str, tracking_uri: str, experiment: str) -> Versions:
+def resolve_versions(name: str, ref: str, run: RunContext) -> Versions:
     """The candidate (`candidate`, `@pilot`, or a number) with its tags, and the current champion and pilot.
 
     Args:
         name: the registered model.
         ref: the candidate: an alias or a version number.
-        tracking_uri: the MLflow server (`MLFLOW_TRACKING_URI` in the environment wins), which this selects for
-            the whole run, with `experiment` for the stage's MLflow run.
+        run: the MLflow server and experiment, which this selects for the whole run (the stage's MLflow run).
     """
-    tracking.configure(tracking_uri, experiment)
+    run.configure()
     ref = str(ref).strip().lstrip("@") or "candidate"
     candidate = registry.version_info(name, ref)
     held = registry.current_aliases(name)
