@@ -75,7 +75,7 @@ class ValidateParams(_Section):
 
 
 class PretrainParams(_Section):
-    """The offline quickstart's stand-in for public pretrained weights (see README): a ViT pretrained on
+    """The offline quickstart's stand-in for public pretrained weights (docs/training.md): a ViT pretrained on
     generated images of rendered characters by `vitops pretrain-standin`. Not used with real hub weights."""
 
     model: str = "vit_tiny_patch16_224"

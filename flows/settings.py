@@ -134,7 +134,8 @@ def prices_of(params: Params) -> Any:
     if params.cost is None:
         raise ParamsError(
             "params.yaml has no `cost` section: the gate needs prices (train_price_per_hour, serve_price_per_hour, "
-            "utilisation, retrains_per_month, images_per_month, upkeep_per_month); copy the example from the README"
+            "utilisation, retrains_per_month, images_per_month, upkeep_per_month); copy the `cost` section of the "
+            "shipped params.yaml"
         )
     return Prices(**params.cost.model_dump())
 
