@@ -18,7 +18,7 @@ SAMPLE_DIR ?= build/sample-digits
 # the pilot's batch of "new images from the line" (params.yaml pilot.batch)
 LINE_BATCH ?= build/line-batch
 
-.PHONY: help setup run repro test lint format bench-flow bench-validate bench-train bench-latency bench-gpu clean
+.PHONY: help setup run repro test test-fast lint format bench-flow bench-validate bench-train bench-latency bench-gpu clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ repro: $(STAMP) ## the same stages through DVC (`dvc repro`; a second run does n
 
 test: $(STAMP) ## run the test suite (offline; starts its own MLflow and Prefect servers on 127.0.0.1)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+test-fast: $(STAMP) ## unit tests only, the fast loop, under 3 minutes (skips tests marked integration or slow)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not integration and not slow"
 
 lint: $(STAMP) ## ruff check and format check
 	$(BIN)/ruff check .

@@ -1,18 +1,17 @@
-"""Shared fixtures: offline-safe environment, a real MLflow tracking server on 127.0.0.1, tiny data."""
+"""Shared fixtures: offline-safe environment, a real MLflow tracking server and a real Prefect server on 127.0.0.1
+(one of each per test session), tiny digits. Plain helper functions live in tests/helpers/."""
 
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.servers import forget_tracking_uri, free_port, start_server, stop_server
+from helpers.vit import write_digits
 
 # Offline-safe defaults, set before any library reads them: without these, timm's hub lookup and the
 # telemetry of MLflow, DVC and Prefect wait on hosts this machine cannot reach. DO_NOT_TRACK also turns off
@@ -32,46 +31,11 @@ for _key, _value in {
     os.environ.setdefault(_key, _value)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(cmd: list[str], health_url: str, log_path: Path, env: dict | None = None) -> subprocess.Popen:
-    """Start a server process and wait (up to 90 s) until `health_url` answers 200; its output goes to `log_path`."""
-    log = open(log_path, "w")  # noqa: SIM115 - the process owns it; closed by stop_server
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    proc.log = log  # type: ignore[attr-defined]
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(health_url, timeout=2) as resp:
-                if resp.status == 200:
-                    return proc
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_server(proc)
-            raise RuntimeError(f"{cmd[:4]} did not start: {log_path.read_text()[-3000:]}")
-        time.sleep(0.5)
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    """Terminate a server started by `start_server` (kill it after 20 s)."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    proc.log.close()  # type: ignore[attr-defined]
-
-
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `mlflow server` on 127.0.0.1 with a SQLite backend; yields its URL."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     store = [
         "--backend-store-uri",
@@ -101,7 +65,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `prefect server start` on 127.0.0.1 (UI off, its own PREFECT_HOME and database); yields its API URL."""
     home = tmp_path_factory.mktemp("prefect-server")
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_UI_ENABLED": "false"}
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
@@ -118,11 +82,22 @@ def tracking(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
     return mlflow_server
 
 
-def forget_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Undo an earlier test's `mlflow.set_tracking_uri` (tracking.configure), so MLFLOW_TRACKING_URI is read."""
-    from mlflow.tracking._tracking_service import utils
+@pytest.fixture()
+def server(tracking: str) -> str:
+    """The test server, also when an earlier test pinned another URI with `mlflow.set_tracking_uri`."""
+    return tracking  # `tracking` also forgets a URI an earlier test pinned
 
-    monkeypatch.setattr(utils, "_tracking_uri", None)
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """40 digit images at 32x32 as the train and val datasets of a tiny ViT (one pair per test module)."""
+    from vitops.vit.bundle import ModelMeta
+    from vitops.vit.data import create_dataset
+
+    root = tmp_path_factory.mktemp("digits")
+    rows = write_digits(root, size=40)
+    meta = ModelMeta("vit_tiny_patch16_224", [str(d) for d in range(10)], 32, crop_pct=1.0)
+    return create_dataset(root, rows, meta, "train"), create_dataset(root, rows, meta, "val")
 
 
 @pytest.fixture(scope="session")

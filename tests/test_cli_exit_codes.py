@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from data_fixtures import write_clean
+from helpers.data import write_clean
 
 from vitops.flows.cli import data as data_commands
 from vitops.flows.cli import main

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from data_fixtures import write_clean
+from helpers.data import write_clean
 
 from vitops.data_checks.manifest import load_usable
 from vitops.flows.cli import main

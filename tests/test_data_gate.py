@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from data_fixtures import build_leaky, build_planted, tree_digest, write_clean
+from helpers.data import build_leaky, build_planted, tree_digest, write_clean
 
 from vitops.data_checks.gate import run_gate, validate_folder
 from vitops.data_checks.manifest import load_usable, read_manifest, scan_dataset

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from data_fixtures import write_clean, write_png
+from helpers.data import write_clean, write_png
 
 from vitops.data_checks.manifest import (
     COLUMNS,

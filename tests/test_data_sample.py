@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from data_fixtures import tree_digest
+from helpers.data import tree_digest
 from PIL import Image
 
 from vitops.data_checks.sample import SampleError, write_sample

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from data_fixtures import tree_digest, write_clean, write_png
+from helpers.data import tree_digest, write_clean, write_png
 
 from vitops.data_checks.sample import write_sample
 from vitops.flows.cli import main

@@ -220,6 +220,7 @@ def test_missing_validation_data_names_the_manifest(tmp_path: Path) -> None:
         validation_images(params, None, 8)
 
 
+@pytest.mark.integration
 def test_bench_without_engines_says_what_to_build_and_logs_to_mlflow(
     model_dir: Path, params_file: Path, tracking: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

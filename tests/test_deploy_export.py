@@ -9,28 +9,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers.engines import images, tiny_vit
 
 from vitops.deploy.engine_meta import read_meta
 from vitops.deploy.export import export_checked, export_onnx
 from vitops.deploy.onnxrt import QuantSettings, build_ort_engine, create_session, select_excluded_nodes, session_logits
 from vitops.deploy.parity import ParityError, compare_logits, torch_logits
-
-
-def tiny_vit(num_classes: int = 5, seed: int = 0) -> torch.nn.Module:
-    """A 2-block ViT at 32x32 whose head is scaled up, so its logits have margins like a trained model's."""
-    import timm
-
-    torch.manual_seed(seed)
-    model = timm.create_model(
-        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=num_classes, pretrained=False
-    )
-    with torch.no_grad():
-        model.head.weight.mul_(20.0)
-    return model.eval()
-
-
-def images(n: int, seed: int = 1) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, 3, 32, 32), dtype=np.float32)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_deploy_export import images, tiny_vit
+from helpers.engines import images, tiny_vit
 
 from vitops.deploy.engine_meta import EngineMismatchError, read_meta
 from vitops.deploy.export import export_onnx

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_loop import _fit, data  # noqa: F401  (the module-scoped digits fixture)
-from test_vit_fixtures import write_digits, write_manifest, write_params, write_tiny_checkpoint
+from helpers.vit import fit_tiny, write_digits, write_manifest, write_params, write_tiny_checkpoint
 from torch import nn
 from torch.nn import functional as F
 
@@ -81,13 +80,13 @@ def test_hard_and_soft_losses_follow_their_formulas() -> None:
         DistillationLoss(base, "hard", alpha=1.5)
 
 
-def test_student_learns_the_teachers_answers(data: tuple, tmp_path: Path) -> None:  # noqa: F811
+def test_student_learns_the_teachers_answers(data: tuple, tmp_path: Path) -> None:
     """With all weight on the teacher, a teacher that always answers "3" makes a student that answers "3"."""
     digits = [str(d) for d in range(10)]
     always_three = _Recorder([10.0 if d == 3 else 0.0 for d in range(10)])
     teacher = Teacher(always_three, digits, digits, HALF, HALF, name="always-3")
     cfg = TrainConfig(epochs=3, batch_size=8, lr=2e-3, warmup_epochs=0.0, patience=0, distill_alpha=1.0)
-    model, _ = _fit(data, cfg, tmp_path / "ckpt", teacher=teacher)
+    model, _ = fit_tiny(data, cfg, tmp_path / "ckpt", teacher=teacher)
     model.eval()
     images = torch.stack([data[1][i][0] for i in range(len(data[1]))])
     with torch.no_grad():

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from flow_fixtures import PRICES
+from helpers.projects import PRICES
+from helpers.vit import write_digits, write_manifest, write_params, write_tiny_checkpoint
 from mlflow import MlflowClient
-from test_vit_fixtures import write_digits, write_manifest, write_params, write_tiny_checkpoint
 
 from vitops.flows.cli import main
 
+pytestmark = pytest.mark.integration
 MODEL = "gate-digits"
 
 

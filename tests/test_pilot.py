@@ -24,13 +24,14 @@ import mlflow
 import numpy as np
 import pytest
 import yaml
-from conftest import forget_tracking_uri
+from helpers.registry import Release, build_release, register, unique
+from helpers.servers import forget_tracking_uri
 from mlflow import MlflowClient
 from PIL import Image
-from test_registry import Release, build_release, register, unique
 
 from vitops.flows import registry
 
+pytestmark = pytest.mark.integration
 IMAGES = 40
 
 

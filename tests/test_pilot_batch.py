@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from data_fixtures import noise_image, tree_digest, write_clean, write_png
+from helpers.data import noise_image, tree_digest, write_clean, write_png
 from PIL import Image
 
 from vitops.data_checks.batch import BatchError, check_batch, scan_batch, validate_batch

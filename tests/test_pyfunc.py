@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers.registry import CLASSES, Release, build_release, new_run, unique
 from PIL import Image
-from test_registry import CLASSES, Release, build_release, new_run, server, unique  # noqa: F401 (fixture)
 
 from vitops.flows import pyfunc_model, registry
 from vitops.vit.bundle import load_bundle
@@ -103,6 +103,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.integration
 @pytest.mark.usefixtures("server")
 def test_champion_loads_in_a_fresh_process_and_predicts_like_torch(
     release: Release, tmp_path: Path, repo_root: Path

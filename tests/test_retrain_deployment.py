@@ -14,10 +14,11 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
-from conftest import stop_server
-from flow_fixtures import make_project
+from helpers.projects import make_project
+from helpers.servers import stop_server
 from mlflow import MlflowClient
 
+pytestmark = pytest.mark.integration
 MODEL = "deployed-digits"
 
 

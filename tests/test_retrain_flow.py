@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from flow_fixtures import make_project, set_params
+from helpers.projects import make_project, set_params
 from mlflow import MlflowClient
 
 MODEL = "flow-digits"
@@ -46,6 +46,7 @@ def _artifacts(key: str) -> list:
         return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
 
 
+@pytest.mark.integration
 def test_pass_then_skip_then_force_with_a_failing_kpi_gate(project: Path, tracking: str) -> None:
     client = MlflowClient(tracking)
     state = _run(project)
@@ -80,6 +81,7 @@ def test_pass_then_skip_then_force_with_a_failing_kpi_gate(project: Path, tracki
     set_params(project, gate={"max_p95_ms": 1000.0})
 
 
+@pytest.mark.integration
 def test_vitops_retrain_says_skipped_and_exits_0(project: Path, tracking: str, capsys) -> None:
     from vitops.flows.cli import main
 
@@ -88,6 +90,7 @@ def test_vitops_retrain_says_skipped_and_exits_0(project: Path, tracking: str, c
     assert out.startswith("retrain Skipped: skipped: data ") and "force=true" in out
 
 
+@pytest.mark.integration
 def test_a_failed_data_gate_ends_failed_with_its_reasons_and_trains_nothing(project: Path, tracking: str) -> None:
     client = MlflowClient(tracking)
     versions = len(client.search_model_versions(f"name='{MODEL}'"))

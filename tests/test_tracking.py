@@ -25,6 +25,7 @@ def _tiny_bundle(out: Path) -> Path:
     return save_bundle(model, meta, out)
 
 
+@pytest.mark.integration
 def test_handles_log_to_their_own_run_inside_an_outer_run(tracking: str) -> None:
     """Under a flow's open run, a stage's run is its child, logs to its own id, and resuming a run works."""
     mlflow_io.configure("sqlite:///unused.db", "nested-runs")
@@ -46,6 +47,7 @@ def test_handles_log_to_their_own_run_inside_an_outer_run(tracking: str) -> None
     assert "test_top1" not in client.get_run(outer.info.run_id).data.metrics
 
 
+@pytest.mark.integration
 def test_a_failing_body_ends_the_run_failed(tracking: str) -> None:
     mlflow_io.configure("sqlite:///unused.db", "failed-runs")
     with pytest.raises(RuntimeError), mlflow_io.start_run("crash") as run:
@@ -53,6 +55,7 @@ def test_a_failing_body_ends_the_run_failed(tracking: str) -> None:
     assert MlflowClient(tracking).get_run(run.run_id).info.status == "FAILED"
 
 
+@pytest.mark.integration
 def test_registered_folder_downloads_as_a_model_folder(tracking: str, tmp_path: Path) -> None:
     mlflow_io.configure("sqlite:///unused.db", "registry-roundtrip")
     bundle = _tiny_bundle(tmp_path / "model")
@@ -71,6 +74,7 @@ def test_registered_folder_downloads_as_a_model_folder(tracking: str, tmp_path: 
     assert torch.equal(model(x), original(x))
 
 
+@pytest.mark.integration
 def test_unknown_alias_is_a_clear_error(tracking: str, tmp_path: Path) -> None:
     mlflow_io.configure("sqlite:///unused.db", "registry-missing")
     with pytest.raises(mlflow_io.TrackingError, match="models:/no-such-model@champion"):

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_vit_fixtures import write_digits, write_manifest, write_params, write_tiny_checkpoint
+from helpers.vit import write_digits, write_manifest, write_params, write_tiny_checkpoint
 
 from vitops.flows.cli import main
 
@@ -19,6 +19,7 @@ def project(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.integration
 def test_train_evaluate_log_params_metrics_artifacts_and_tags(project: Path, tracking: str) -> None:
     from mlflow import MlflowClient
 
@@ -79,6 +80,7 @@ def test_evaluate_without_a_model_says_how_to_get_one(project: Path, capsys: pyt
     assert "vitops train" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_fine_tunes_from_a_registered_model_alias(project: Path, tracking: str) -> None:
     """Retraining from the serving model: `mlflow:models:/<name>@<alias>` resolves to the registered folder."""
     from mlflow import MlflowClient

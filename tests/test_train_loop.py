@@ -5,44 +5,19 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
-from test_vit_fixtures import TINY_KW, write_digits
+from helpers.vit import fit_tiny
 
-from vitops.vit.bundle import ModelMeta
 from vitops.vit.checkpoint import BEST_WEIGHTS, LAST_CHECKPOINT, CheckpointError
-from vitops.vit.data import create_dataset
-from vitops.vit.train import TrainConfig, fit
+from vitops.vit.train import TrainConfig
 
 CFG = TrainConfig(epochs=2, batch_size=8, warmup_epochs=0.5, patience=0, class_balance="loss")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> tuple:
-    root = tmp_path_factory.mktemp("digits")
-    rows: pd.DataFrame = write_digits(root, size=40)
-    meta = ModelMeta("vit_tiny_patch16_224", [str(d) for d in range(10)], 32, crop_pct=1.0)
-    return create_dataset(root, rows, meta, "train"), create_dataset(root, rows, meta, "val")
-
-
-def _model() -> torch.nn.Module:
-    import timm
-
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, **TINY_KW)
-
-
-def _fit(data: tuple, cfg: TrainConfig, ckpt: Path, **kwargs):
-    model = _model()
-    train, val = data
-    result = fit(model, train, val, cfg, ckpt, num_classes=10, targets=train.targets, **kwargs)
-    return model, result
-
-
 def test_same_seed_gives_identical_weights_and_checkpoint_holds_full_state(data: tuple, tmp_path: Path) -> None:
-    first, result = _fit(data, CFG, tmp_path / "a")
-    second, _ = _fit(data, CFG, tmp_path / "b")
+    first, result = fit_tiny(data, CFG, tmp_path / "a")
+    second, _ = fit_tiny(data, CFG, tmp_path / "b")
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert result.epochs_run == 2 and len(result.history) == 2
@@ -55,18 +30,18 @@ def test_same_seed_gives_identical_weights_and_checkpoint_holds_full_state(data:
 
 
 def test_new_run_refuses_to_replace_an_earlier_checkpoint(data: tuple, tmp_path: Path) -> None:
-    _fit(data, replace(CFG, epochs=1), tmp_path)
+    fit_tiny(data, replace(CFG, epochs=1), tmp_path)
     before = (tmp_path / LAST_CHECKPOINT).read_bytes()
     with pytest.raises(CheckpointError, match="--resume"):
-        _fit(data, replace(CFG, epochs=1), tmp_path)
+        fit_tiny(data, replace(CFG, epochs=1), tmp_path)
     assert (tmp_path / LAST_CHECKPOINT).read_bytes() == before
     with pytest.raises(CheckpointError, match=r"config\.lr"):
-        _fit(data, replace(CFG, epochs=1, lr=0.5), tmp_path, resume=True)
+        fit_tiny(data, replace(CFG, epochs=1, lr=0.5), tmp_path, resume=True)
 
 
 def test_early_stopping_stops_when_validation_stalls(data: tuple, tmp_path: Path) -> None:
     cfg = replace(CFG, epochs=6, lr=1e-9, warmup_lr=1e-9, min_lr=1e-9, patience=1)
-    _, result = _fit(data, cfg, tmp_path)
+    _, result = fit_tiny(data, cfg, tmp_path)
     assert result.stopped_early and result.epochs_run < 6
     assert result.best_epoch == 0
 
@@ -83,7 +58,7 @@ def test_mixup_ema_sampler_accumulation_clipping_run(data: tuple, tmp_path: Path
         clip_grad=1.0,
         channels_last=True,
     )
-    model, result = _fit(data, cfg, tmp_path)
+    model, result = fit_tiny(data, cfg, tmp_path)
     assert 0.0 <= result.best["val_top1"] <= 1.0
     assert torch.isfinite(torch.tensor(result.history[0]["train_loss"]))
     ckpt = torch.load(tmp_path / LAST_CHECKPOINT, weights_only=True)
@@ -97,6 +72,6 @@ def test_mixup_ema_sampler_accumulation_clipping_run(data: tuple, tmp_path: Path
 
 def test_epoch_callback_gets_metrics(data: tuple, tmp_path: Path) -> None:
     seen: list = []
-    _fit(data, replace(CFG, epochs=1), tmp_path, on_epoch=lambda e, m: seen.append((e, dict(m))))
+    fit_tiny(data, replace(CFG, epochs=1), tmp_path, on_epoch=lambda e, m: seen.append((e, dict(m))))
     assert [e for e, _ in seen] == [0]
     assert {"train_loss", "val_loss", "val_top1", "lr", "train_img_per_s"} <= set(seen[0][1])

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.vit import write_digits, write_manifest, write_params, write_tiny_checkpoint
 from safetensors.torch import load_file
-from test_vit_fixtures import write_digits, write_manifest, write_params, write_tiny_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from test_vit_fixtures import write_digits
+from helpers.vit import write_digits
 
 from vitops.vit.bundle import ModelMeta
 from vitops.vit.data import (

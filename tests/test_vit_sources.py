@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_vit_fixtures import TINY_KW, TINY_VIT, write_tiny_checkpoint
+from helpers.vit import TINY_KW, TINY_VIT, write_tiny_checkpoint
 
 from vitops.vit.sources import SourceError, create_model, parse_source
 

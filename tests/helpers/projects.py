@@ -1,5 +1,5 @@
-"""A tiny vitops project for the flow tests: a git + DVC repository whose data/raw is an imported data version of
-60 digit images, a tiny stand-in checkpoint, and a params.yaml with tiny, fast settings."""
+"""A tiny vitops project for the flow tests (and bench/flow_overhead.py): a git + DVC repository whose data/raw is
+an imported data version of 60 digit images, a tiny stand-in checkpoint, and a params.yaml with tiny, fast settings."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import yaml
-from test_vit_fixtures import TINY_VIT, write_tiny_checkpoint
+
+from helpers.vit import TINY_VIT, write_tiny_checkpoint
 
 PRICES = {
     "currency": "USD",
