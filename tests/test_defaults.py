@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from vitops.flows.config import Params, PretrainParams, TrainParams
-from vitops.flows.recipe import same_named
+from vitops.flows.settings import same_named
 from vitops.vit.data import AugmentParams
 from vitops.vit.standin import StandinSpec
 from vitops.vit.train import TrainConfig

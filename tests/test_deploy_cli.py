@@ -36,7 +36,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture()
 def params_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     images = torch.from_numpy(np.random.default_rng(0).standard_normal((48, 3, 32, 32), dtype=np.float32))
-    monkeypatch.setattr("vitops.flows.engines.validation_images", lambda params, meta, limit: images[:limit])
+    monkeypatch.setattr("vitops.flows.engines.validation_images", lambda dataset, meta, limit: images[:limit])
     raw = {
         "validate": {"manifest": str(tmp_path / "manifest.csv"), "report": str(tmp_path / "report.json")},
         "export": {"out": str(tmp_path / "engines" / "model.onnx"), "parity_images": 32},
@@ -131,7 +131,7 @@ def test_auto_without_bf16_skips_it_and_bench_and_kpi_use_the_chosen_engine(
     model_dir: Path, params_file: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from vitops.common.files import sha256_file
-    from vitops.flows.kpis import target_latency
+    from vitops.flows.gate import target_latency
 
     def fake_turns(runners: dict, image: np.ndarray, blocks: list[int]) -> dict[str, list[float]]:
         # as if OpenVINO FP32 were the fastest at build: 1 ms against 5 ms for every other engine
@@ -214,10 +214,11 @@ def test_export_failing_parity_is_a_clear_error_and_writes_nothing(
 def test_missing_validation_data_names_the_manifest(tmp_path: Path) -> None:
     from vitops.flows.config import parse_params
     from vitops.flows.engines import EngineInputError, validation_images
+    from vitops.flows.settings import dataset_of
 
     params = parse_params({"validate": {"manifest": str(tmp_path / "none.csv")}})
     with pytest.raises(EngineInputError, match="none.csv: no manifest; run `vitops validate` first"):
-        validation_images(params, None, 8)
+        validation_images(dataset_of(params), None, 8)
 
 
 @pytest.mark.integration

@@ -110,7 +110,7 @@ def test_transient_errors_are_retried_and_gates_are_not() -> None:
     from mlflow.exceptions import MlflowException
 
     from vitops.deploy.parity import ParityError
-    from vitops.flows.retrain import is_transient
+    from vitops.flows.retries import is_transient
     from vitops.flows.tracking import TrackingError
 
     try:

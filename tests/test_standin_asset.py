@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from vitops.common.files import sha256_file
 from vitops.flows.config import load_params
-from vitops.flows.recipe import same_named
+from vitops.flows.settings import same_named
 from vitops.vit.standin import StandinSpec
 
 
