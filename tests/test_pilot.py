@@ -29,7 +29,7 @@ from helpers.servers import forget_tracking_uri
 from mlflow import MlflowClient
 from PIL import Image
 
-from vitops.flows import registry
+from vitops.flows import aliases
 
 pytestmark = pytest.mark.integration
 IMAGES = 40
@@ -53,7 +53,7 @@ def pilot_env(tmp_path_factory: pytest.TempPathFactory, prefect_server: str, mlf
     name = unique("pilot-digits")
     with _at(mlflow_server):
         v1, v2, v3 = register(name, good), register(name, good), register(name, bad)
-        registry.move_alias(name, "champion", v1, expect="none", reason="first champion")
+        aliases.move_alias(name, "champion", v1, expect="none", reason="first champion")
         champion = mlflow.pyfunc.load_model(f"models:/{name}/{v1}")
         batch = _write_batch(root / "batch", champion)
     project = root / "project"
@@ -149,7 +149,7 @@ def _start_promote(e: dict[str, Any], params: Path, version: str) -> subprocess.
 
 def _history(e: dict[str, Any], alias: str) -> list[Any]:
     with _at(e["server"]):
-        return registry.history(e["name"], alias)
+        return aliases.history(e["name"], alias)
 
 
 def test_shadow_then_canary_are_recorded_and_broken_files_are_skipped(pilot_env: dict[str, Any]) -> None:

@@ -16,7 +16,7 @@ import torch
 from helpers.registry import CLASSES, Release, build_release, new_run, unique
 from PIL import Image
 
-from vitops.flows import pyfunc_model, registry
+from vitops.flows import aliases, packaging, pyfunc_model
 from vitops.vit.bundle import load_bundle
 from vitops.vit.data import create_transforms
 
@@ -111,8 +111,8 @@ def test_champion_loads_in_a_fresh_process_and_predicts_like_torch(
     name = unique("pyfunc")
     tags = {"gate.passed": "true", "gate.reasons": ""}
     args = (release.model_dir, release.onnx, release.engines, release.serving, tags)
-    version = registry.register_version(name, new_run("pyfunc-tests"), *args)
-    registry.move_alias(name, "champion", version, expect="none", reason="test")
+    version = packaging.register_version(name, new_run("pyfunc-tests"), *args)
+    aliases.move_alias(name, "champion", version, expect="none", reason="test")
 
     batch = np.stack(images(0, [(40, 48)] * 4))  # not square, not img_size: resized and cropped
     np.save(tmp_path / "batch.npy", batch)

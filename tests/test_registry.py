@@ -20,8 +20,9 @@ from helpers.registry import Release, build_release, new_run, register, unique
 from helpers.servers import forget_tracking_uri
 from mlflow import MlflowClient
 
-from vitops.flows import registry
-from vitops.flows.registry import MoveConflict, RegistryError
+from vitops.flows import aliases, packaging, registry
+from vitops.flows.aliases import MoveConflict
+from vitops.flows.registry import RegistryError
 
 pytestmark = pytest.mark.integration
 
@@ -59,8 +60,8 @@ def test_registered_version_carries_tags_artifacts_and_lineage(server: str, rele
     assert "pyfunc/artifacts/model.onnx" in files
     assert {a.path for a in MlflowClient().list_artifacts(info.run_id, "pyfunc")} >= {"pyfunc/MLmodel", "pyfunc/code"}
 
-    registry.move_alias(name, "candidate", version, expect=None, reason="passed the KPI gate")
-    facts = registry.lineage(name, "candidate")
+    aliases.move_alias(name, "candidate", version, expect=None, reason="passed the KPI gate")
+    facts = aliases.lineage(name, "candidate")
     assert facts["version"]["aliases"] == ["candidate"] and facts["gate"]["passed"] == "true"
     assert facts["run"]["tags"]["purpose"] == "test" and facts["train_run"] is None
     (engine,) = facts["engines"]
@@ -68,24 +69,24 @@ def test_registered_version_carries_tags_artifacts_and_lineage(server: str, rele
     assert engine["meta"]["target"] == "onnxruntime" and engine["threads"] == 1
     assert facts["serving"]["onnx"]["sha256"] == sha256(release.onnx)
     assert [(m["alias"], m["to_version"]) for m in facts["moves"]] == [("candidate", "1")]
-    assert not registry.is_history_model(name) and registry.is_history_model(f"{name}.history.candidate.000001")
+    assert not aliases.is_history_model(name) and aliases.is_history_model(f"{name}.history.candidate.000001")
 
 
 def test_failed_gate_is_refused_unless_overridden_with_a_reason(server: str, release: Release) -> None:
     name = unique("gate")
     version = register(name, release, passed=False)
     with pytest.raises(RegistryError, match=r"did not pass the gate \(gate.passed=false; reasons: top1 0.50 < 0.90\)"):
-        registry.move_alias(name, "champion", version, expect="none", reason="ship it")
+        aliases.move_alias(name, "champion", version, expect="none", reason="ship it")
     with pytest.raises(RegistryError, match="needs a reason"):
-        registry.move_alias(name, "champion", version, expect="none", reason=" ", override_gate=True)
-    assert registry.history(name) == [] and champion(name) is None
+        aliases.move_alias(name, "champion", version, expect="none", reason=" ", override_gate=True)
+    assert aliases.history(name) == [] and champion(name) is None
 
     approval = {"by": "alice", "comment": "accepted for the pilot week"}
-    record = registry.move_alias(
+    record = aliases.move_alias(
         name, "champion", version, expect="none", reason="known data shift", approval=approval, override_gate=True
     )
     assert record.override and record.completed and champion(name) == version
-    (entry,) = registry.history(name, "champion")
+    (entry,) = aliases.history(name, "champion")
     assert entry.override and entry.reason == "known data shift" and entry.approval == approval
     assert entry.from_version is None and entry.to_version == version
 
@@ -93,18 +94,18 @@ def test_failed_gate_is_refused_unless_overridden_with_a_reason(server: str, rel
 def test_expect_mismatch_is_refused_and_leaves_the_alias(server: str, release: Release) -> None:
     name = unique("expect")
     v1, v2 = register(name, release), register(name, release)
-    registry.move_alias(name, "champion", v1, expect="none", reason="first")
+    aliases.move_alias(name, "champion", v1, expect="none", reason="first")
     with pytest.raises(MoveConflict, match=f"champion of {name} points at {v1}, not {v2} as expected"):
-        registry.move_alias(name, "champion", v2, expect=v2, reason="wrong expectation")
+        aliases.move_alias(name, "champion", v2, expect=v2, reason="wrong expectation")
     with pytest.raises(MoveConflict, match="points at 1, not none"):
-        registry.move_alias(name, "champion", v2, expect="none", reason="thought it unset")
-    assert champion(name) == v1 and len(registry.history(name, "champion")) == 1
+        aliases.move_alias(name, "champion", v2, expect="none", reason="thought it unset")
+    assert champion(name) == v1 and len(aliases.history(name, "champion")) == 1
 
 
 RACER = """
 import sys, time
 from pathlib import Path
-from vitops.flows.registry import MoveConflict, move_alias
+from vitops.flows.aliases import MoveConflict, move_alias
 go, ready, name, version, expect = sys.argv[1:]
 Path(ready).touch()
 while not Path(go).exists():
@@ -121,7 +122,7 @@ print("won entry", record.seq)
 def test_two_racing_promoters_exactly_one_wins(server: str, release: Release, tmp_path: Path) -> None:
     name = unique("race")
     v1, v2, v3 = (register(name, release) for _ in range(3))
-    registry.move_alias(name, "champion", v1, expect="none", reason="start")
+    aliases.move_alias(name, "champion", v1, expect="none", reason="start")
     go = tmp_path / "go"
     racers = {
         v: subprocess.Popen(
@@ -142,7 +143,7 @@ def test_two_racing_promoters_exactly_one_wins(server: str, release: Release, tm
     winner = next(v for v, (code, _) in results.items() if code == 0)
     loser_message = next(out for code, out in results.values() if code == 3)
     assert "won the race" in loser_message or "in progress" in loser_message or "not 1 as expected" in loser_message
-    entries = registry.history(name, "champion")
+    entries = aliases.history(name, "champion")
     assert [(e.seq, e.from_version, e.to_version) for e in entries] == [(1, None, v1), (2, v1, winner)]
     assert all(e.completed for e in entries) and champion(name) == winner
 
@@ -170,12 +171,12 @@ def test_a_mover_that_read_before_the_winner_claimed_loses_the_claim(
     # other interleaving: both read the same history, the winner claims first, the loser's claim is refused.
     name = unique("claim")
     v1, v2, v3 = (register(name, release) for _ in range(3))
-    registry.move_alias(name, "champion", v1, expect="none", reason="start")
-    clients = iter([_CompetitorBeforeClaim(lambda: registry.move_alias(name, "champion", v3, expect=v1, reason="A"))])
-    monkeypatch.setattr(registry, "_client", lambda: next(clients, None) or MlflowClient())
+    aliases.move_alias(name, "champion", v1, expect="none", reason="start")
+    clients = iter([_CompetitorBeforeClaim(lambda: aliases.move_alias(name, "champion", v3, expect=v1, reason="A"))])
+    monkeypatch.setattr(aliases, "mlflow_client", lambda: next(clients, None) or MlflowClient())
     with pytest.raises(MoveConflict, match=f"another move of champion of {name} won the race: entry 2"):
-        registry.move_alias(name, "champion", v2, expect=v1, reason="B")
-    entries = registry.history(name, "champion")
+        aliases.move_alias(name, "champion", v2, expect=v1, reason="B")
+    entries = aliases.history(name, "champion")
     assert [(e.seq, e.to_version, e.reason) for e in entries] == [(1, v1, "start"), (2, v3, "A")]
     assert champion(name) == v3
 
@@ -183,25 +184,25 @@ def test_a_mover_that_read_before_the_winner_claimed_loses_the_claim(
 def test_rollback_restores_the_previous_holder_and_is_recorded(server: str, release: Release) -> None:
     name = unique("rollback")
     v1, v2 = register(name, release), register(name, release)
-    registry.move_alias(name, "champion", v1, expect="none", reason="first")
+    aliases.move_alias(name, "champion", v1, expect="none", reason="first")
     with pytest.raises(RegistryError, match="no earlier holder"):
-        registry.rollback(name, reason="nothing before v1")
-    registry.move_alias(name, "champion", v2, expect=v1, reason="better top-1", flow_run_id="flow-42")
-    record = registry.rollback(name, reason="latency regression", flow_run_id="flow-43")
+        aliases.rollback(name, reason="nothing before v1")
+    aliases.move_alias(name, "champion", v2, expect=v1, reason="better top-1", flow_run_id="flow-42")
+    record = aliases.rollback(name, reason="latency regression", flow_run_id="flow-43")
     assert (record.from_version, record.to_version, record.seq) == (v2, v1, 3) and champion(name) == v1
-    last = registry.history(name, "champion")[-1]
+    last = aliases.history(name, "champion")[-1]
     assert last.reason == "latency regression" and last.flow_run_id == "flow-43" and "rollback" in last.note
 
 
 def test_history_from_another_process_equals_this_one(server: str, release: Release) -> None:
     name = unique("hist")
     v1, v2 = register(name, release), register(name, release)
-    registry.move_alias(name, "candidate", v1, expect=None, reason="gate passed")
-    registry.move_alias(name, "champion", v1, expect="none", reason="approved", approval={"by": "bob"})
-    registry.move_alias(name, "candidate", v2, expect=v1, reason="gate passed")
-    registry.move_alias(name, "candidate", None, expect=v2, reason="withdrawn")
-    here = [asdict(r) for r in registry.history(name)]
-    code = "import json, sys; from dataclasses import asdict; from flows.registry import history; "
+    aliases.move_alias(name, "candidate", v1, expect=None, reason="gate passed")
+    aliases.move_alias(name, "champion", v1, expect="none", reason="approved", approval={"by": "bob"})
+    aliases.move_alias(name, "candidate", v2, expect=v1, reason="gate passed")
+    aliases.move_alias(name, "candidate", None, expect=v2, reason="withdrawn")
+    here = [asdict(r) for r in aliases.history(name)]
+    code = "import json, sys; from dataclasses import asdict; from vitops.flows.aliases import history; "
     code += "print(json.dumps([asdict(r) for r in history(sys.argv[1])]))"
     out = subprocess.run([sys.executable, "-c", code, name], capture_output=True, text=True, check=True).stdout
     assert json.loads(out.strip().splitlines()[-1]) == here
@@ -217,35 +218,35 @@ def test_history_from_another_process_equals_this_one(server: str, release: Rele
 def test_bad_requests_are_clear_errors_and_change_nothing(server: str, release: Release, tmp_path: Path) -> None:
     name = unique("bad")
     v1 = register(name, release)
-    registry.move_alias(name, "champion", v1, expect="none", reason="first")
+    aliases.move_alias(name, "champion", v1, expect="none", reason="first")
     before = state(name)
     with pytest.raises(RegistryError, match=f"no registered model 'no-such-model' at {server}"):
-        registry.move_alias("no-such-model", "champion", "1", expect=None, reason="x")
+        aliases.move_alias("no-such-model", "champion", "1", expect=None, reason="x")
     with pytest.raises(RegistryError, match=f"{name} has no version 99 at {server}"):
-        registry.move_alias(name, "pilot", "99", expect=None, reason="x")
+        aliases.move_alias(name, "pilot", "99", expect=None, reason="x")
     for reserved in ("latest", "v1"):
         with pytest.raises(RegistryError, match=r"MLflow itself reserves 'latest'.*candidate, pilot, champion"):
-            registry.move_alias(name, reserved, v1, expect=None, reason="x")
+            aliases.move_alias(name, reserved, v1, expect=None, reason="x")
     with pytest.raises(RegistryError, match="not allowed; vitops uses candidate, pilot, champion"):
-        registry.move_alias(name, "production", v1, expect=None, reason="x")
+        aliases.move_alias(name, "production", v1, expect=None, reason="x")
     with pytest.raises(RegistryError, match="no earlier holder"):
-        registry.rollback(name, reason="x")
+        aliases.rollback(name, reason="x")
 
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "model.json").write_bytes((release.model_dir / "model.json").read_bytes())
     with pytest.raises(RegistryError, match="missing weights.safetensors"):
-        registry.register_version(name, new_run(), broken, release.onnx, release.engines, release.serving, {})
+        packaging.register_version(name, new_run(), broken, release.onnx, release.engines, release.serving, {})
     new_name = unique("never")
     with pytest.raises(RegistryError, match="missing weights.safetensors"):
-        registry.register_version(new_name, new_run(), broken, release.onnx, release.engines, release.serving, {})
+        packaging.register_version(new_name, new_run(), broken, release.onnx, release.engines, release.serving, {})
     lone = tmp_path / "lone.onnx"
     lone.write_bytes(release.engines[0].read_bytes())
     with pytest.raises(RegistryError, match="lone.onnx: engine file or its metadata lone.onnx.json is missing"):
-        registry.register_version(name, new_run(), release.model_dir, release.onnx, [lone], {}, {})
+        packaging.register_version(name, new_run(), release.model_dir, release.onnx, [lone], {}, {})
     with pytest.raises(RegistryError, match=r"serving entries \['tensorrt/fp16.plan'\] match none"):
         serving = {"engines": [{"file": "tensorrt/fp16.plan", "target": "tensorrt", "p50_ms": 0.1}]}
-        registry.register_version(name, new_run(), release.model_dir, release.onnx, release.engines, serving, {})
+        packaging.register_version(name, new_run(), release.model_dir, release.onnx, release.engines, serving, {})
     assert state(name) == before and state(new_name)["models"] == []
 
 
@@ -260,7 +261,7 @@ def test_unreachable_server_names_its_uri(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     with pytest.raises(RegistryError, match=f"MLflow at http://127.0.0.1:{port}: reading registered model m failed"):
-        registry.history("m")
+        aliases.history("m")
 
 
 def _plant(name: str, seq: int, from_version: str, to_version: str, age: timedelta) -> None:
@@ -288,18 +289,18 @@ def test_claims_in_progress_block_and_stale_ones_are_rolled_forward(
 ) -> None:
     name = unique("stale")
     v1, v2, v3 = (register(name, release) for _ in range(3))
-    registry.move_alias(name, "champion", v1, expect="none", reason="first")
+    aliases.move_alias(name, "champion", v1, expect="none", reason="first")
     _plant(name, 2, v1, v2, age=timedelta(seconds=5))
     with pytest.raises(MoveConflict, match="a move of champion .* is in progress .*crashed@elsewhere"):
-        registry.move_alias(name, "champion", v3, expect=v1, reason="too early")
-    assert champion(name) == v1 and len(registry.history(name, "champion")) == 2
+        aliases.move_alias(name, "champion", v3, expect=v1, reason="too early")
+    assert champion(name) == v1 and len(aliases.history(name, "champion")) == 2
 
     MlflowClient().delete_registered_model(f"{name}.history.champion.000002")
     _plant(name, 2, v1, v2, age=timedelta(minutes=10))
-    with caplog.at_level(logging.WARNING, logger="vitops.flows.registry"):
-        record = registry.move_alias(name, "champion", v3, expect=v2, reason="after the crash")
+    with caplog.at_level(logging.WARNING, logger="vitops.flows.aliases"):
+        record = aliases.move_alias(name, "champion", v3, expect=v2, reason="after the crash")
     assert "rolling forward the abandoned move 2" in caplog.text
-    entries = registry.history(name, "champion")
+    entries = aliases.history(name, "champion")
     assert [(e.seq, e.to_version, e.completed) for e in entries] == [(1, v1, True), (2, v2, True), (3, v3, True)]
     assert record.from_version == v2 and champion(name) == v3
 
@@ -307,8 +308,8 @@ def test_claims_in_progress_block_and_stale_ones_are_rolled_forward(
 def test_alias_moved_outside_vitops_is_reported(server: str, release: Release) -> None:
     name = unique("outside")
     v1, v2, v3 = (register(name, release) for _ in range(3))
-    registry.move_alias(name, "champion", v1, expect="none", reason="first")
+    aliases.move_alias(name, "champion", v1, expect="none", reason="first")
     MlflowClient().set_registered_model_alias(name, "champion", v2)  # someone used the MLflow UI
-    record = registry.move_alias(name, "champion", v3, expect=v2, reason="next")
+    record = aliases.move_alias(name, "champion", v3, expect=v2, reason="next")
     assert record.from_version == v2 and "moved outside vitops: history said 1, registry had 2" in record.note
-    assert registry.history(name, "champion")[-1].note == record.note
+    assert aliases.history(name, "champion")[-1].note == record.note

@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from vitops.deploy.export import export_onnx
 from vitops.deploy.onnxrt import build_ort_engine
 from vitops.deploy.parity import torch_logits
-from vitops.flows import registry
+from vitops.flows import packaging
 from vitops.vit.bundle import ModelMeta, save_bundle
 
 CLASSES = ["bolt", "nut", "washer"]
@@ -71,7 +71,7 @@ def new_run(experiment: str = "registry-tests") -> str:
 
 def register(name: str, release: Release, passed: bool = True, **tags: str) -> str:
     gate = {"gate.passed": str(passed).lower(), "gate.reasons": "" if passed else "top1 0.50 < 0.90"}
-    return registry.register_version(
+    return packaging.register_version(
         name, new_run(), release.model_dir, release.onnx, release.engines, release.serving, {**gate, **tags}
     )
 
