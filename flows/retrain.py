@@ -62,7 +62,8 @@ def train_task(recipe: Recipe, dataset: Dataset, run: RunContext, nproc_per_node
     if nproc_per_node <= 1 or recipe.kind == "baseline":
         return train(recipe, dataset, overwrite=True, run=run)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}", "-m", "vitops"]
-    subprocess.run([*cmd, "--params", params_file, "train", "--overwrite"], check=True)
+    parent = ["--parent-run-id", run.parent_run_id] if run.parent_run_id else []
+    subprocess.run([*cmd, "--params", params_file, "train", "--overwrite", *parent], check=True)
     return read_train_result(recipe.kind, recipe.out_dir)
 
 

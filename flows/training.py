@@ -242,14 +242,14 @@ def read_train_result(kind: str, out_dir: Path) -> TrainResult:
 
     summary = json.loads((out_dir / "train_metrics.json").read_text(encoding="utf-8"))
     meta = read_meta(out_dir / "model")
-    best = {k: float(v) for k, v in summary.items() if k.startswith(("val_", "train_"))}
+    run_keys = ("best_epoch", "epochs_run", "train_seconds", "train_device_hours", "world_size")
     return TrainResult(
         kind=kind,
         model_dir=out_dir / "model",
         out_dir=out_dir,
         best_epoch=int(summary["best_epoch"]),
         epochs_run=int(summary["epochs_run"]),
-        metrics={k: v for k, v in best.items() if k not in ("train_seconds", "train_device_hours")},
+        metrics={k: float(v) for k, v in summary.items() if k not in run_keys},  # the best epoch's, as `fit` saw
         train_seconds=float(summary["train_seconds"]),
         device=str(meta.extra.get("device", "")),
         world_size=int(summary.get("world_size", 1)),

@@ -99,3 +99,10 @@ def test_torchrun_two_gloo_processes_reduce_metrics(project: Path, tmp_path: Pat
     ckpt = torch.load(tmp_path / "out" / "vit" / "checkpoints" / "last.pt", weights_only=True)
     assert len(ckpt["rng"]) == 2  # both ranks' RNG states, for an exact resume
     assert ckpt["fingerprint"]["world_size"] == 2
+    # what the retrain flow's train task hands on after a torchrun fine-tune: read from the files rank 0 wrote
+    from vitops.flows.training import read_train_result
+
+    result = read_train_result("vit", tmp_path / "out" / "vit")
+    assert result.model_dir == tmp_path / "out" / "vit" / "model" and (result.model_dir / "model.json").is_file()
+    assert result.world_size == 2 and result.epochs_run == metrics["epochs_run"]
+    assert result.best_epoch == metrics["best_epoch"] and result.metrics["val_top1"] == metrics["val_top1"]

@@ -54,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, help="dataset root the manifest paths are relative to (default: data.raw_dir)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    p.add_argument("--parent-run-id", help="log the training run as a child of this MLflow run (a retrain's)")
     p.set_defaults(handler=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a trained model on the held-out test split")
@@ -91,7 +92,7 @@ def cmd_train(args: argparse.Namespace, params: Params) -> int:
         device=args.device,
         resume=args.resume,
         overwrite=args.overwrite,
-        run=run_context(params),
+        run=run_context(params, args.parent_run_id),
         track=not args.no_tracking,
     )
     if result.is_main:
