@@ -64,7 +64,7 @@ def main() -> int:
     from vitops.flows.benchmark import bench
     from vitops.flows.config import load_params, params_hash
     from vitops.flows.engines import build
-    from vitops.flows.evaluation import evaluate
+    from vitops.flows.evaluation import EvalSettings, evaluate
     from vitops.flows.gate import GateInputs, GateSettings, gate
     from vitops.flows.registration import RegisterInputs, register
     from vitops.flows.settings import dataset_of, recipe_for, run_context
@@ -77,14 +77,14 @@ def main() -> int:
     params = load_params(params_file)
     data, run, model = dataset_of(params), run_context(params), params.tracking.registered_model
     vit, baseline = params.train.out_dir / "model", params.baseline.out_dir / "model"
-    t, ev = params.train, params.evaluate
+    ev, scoring = params.evaluate, EvalSettings.from_params(params)
 
     steps = [
         ("validate", lambda: validate(params.data.raw_dir, params.validate_, params.data)),
         ("train", lambda: train(recipe_for(params, baseline=True), data, overwrite=True, run=run)),
-        ("evaluate", lambda: evaluate(baseline, data, ev.out_dir / "baseline", "baseline", t.batch_size, run=run)),
+        ("evaluate", lambda: evaluate(baseline, data, ev.out_dir / "baseline", "baseline", scoring, run=run)),
         ("train", lambda: train(recipe_for(params), data, overwrite=True, run=run)),
-        ("evaluate", lambda: evaluate(vit, data, ev.out_dir / "vit", "vit", t.batch_size, run=run)),
+        ("evaluate", lambda: evaluate(vit, data, ev.out_dir / "vit", "vit", scoring, run=run)),
         ("build", lambda: build(vit, data, params.export, params.engine)),
         (
             "bench",

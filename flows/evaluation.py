@@ -14,11 +14,26 @@ from typing import Any
 
 from vitops.common.files import atomic_write, atomic_write_json, sha256_file
 from vitops.flows import tracking
+from vitops.flows.config import Params
 from vitops.flows.settings import Dataset
 from vitops.flows.tracking import RunContext
 
 PREDICTIONS_FILE = "predictions.csv"
 PROVENANCE_FILE = "provenance.json"
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How the test split is read and scored: the data loader's batch size and workers (`train` of params.yaml)
+    and the calibration bins (`evaluate.ece_bins`)."""
+
+    batch_size: int = 64
+    workers: int = 0
+    ece_bins: int = 15
+
+    @classmethod
+    def from_params(cls, params: Params) -> EvalSettings:
+        return cls(params.train.batch_size, params.train.workers, params.evaluate.ece_bins)
 
 
 @dataclass
@@ -37,9 +52,7 @@ def evaluate(
     dataset: Dataset,
     out: Path,
     kind: str = "vit",
-    batch_size: int = 64,
-    workers: int = 0,
-    ece_bins: int = 15,
+    settings: EvalSettings = EvalSettings(),
     device: str | None = None,
     run: RunContext | None = None,
 ) -> EvaluateResult:
@@ -48,8 +61,7 @@ def evaluate(
 
     Args:
         kind: `vit` or `baseline`, recorded with the results.
-        batch_size, workers: the data loader's (`train` of params.yaml).
-        ece_bins: bins of the calibration error and the reliability plot.
+        settings: the data loader's batch size and workers, the calibration bins.
     """
     import torch
 
@@ -59,8 +71,8 @@ def evaluate(
     model_dir, out = Path(model_dir), Path(out)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, meta = load_bundle(model_dir, device=device)
-    probs, labels, paths = predict_split(model, meta, dataset, "test", device, batch_size, workers)
-    metrics = compute_metrics(probs, labels, meta.classes, ece_bins)
+    probs, labels, paths = predict_split(model, meta, dataset, "test", device, settings.batch_size, settings.workers)
+    metrics = compute_metrics(probs, labels, meta.classes, settings.ece_bins)
     matrix = confusion(probs, labels, meta.num_classes)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "metrics.json", metrics)
@@ -70,7 +82,7 @@ def evaluate(
     atomic_write_json(out / PROVENANCE_FILE, provenance | {"data_version": meta.extra.get("data_version")})
     plots = [
         plot_confusion(matrix, meta.classes, out / "confusion_matrix.png", title=f"{meta.model} on the test split"),
-        plot_reliability(probs, labels, out / "reliability.png", bins=ece_bins),
+        plot_reliability(probs, labels, out / "reliability.png", bins=settings.ece_bins),
     ]
     run_id = None
     if run is not None:

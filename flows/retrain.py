@@ -27,9 +27,20 @@ from prefect.states import Completed, Failed
 
 from vitops.flows import tracking
 from vitops.flows.benchmark import BenchOutcome, bench
-from vitops.flows.config import DEFAULT_PARAMS, DataParams, Params, load_params, params_hash, with_overrides
+from vitops.flows.config import (
+    DEFAULT_PARAMS,
+    BenchParams,
+    DataParams,
+    EngineParams,
+    ExportParams,
+    Params,
+    ValidateParams,
+    load_params,
+    params_hash,
+    with_overrides,
+)
 from vitops.flows.engines import BuildResult, build
-from vitops.flows.evaluation import EvaluateResult, evaluate
+from vitops.flows.evaluation import EvalSettings, EvaluateResult, evaluate
 from vitops.flows.gate import GateInputs, GateResult, GateSettings, champion_version, gate
 from vitops.flows.records import last_success, publish_artifacts, record_outcome
 from vitops.flows.registration import RegisterInputs, RegisterResult, register
@@ -51,9 +62,9 @@ def data_version_task(raw: Path, data: DataParams) -> str:
 
 
 @task(cache_policy=NO_CACHE)
-def validate_task(params: Params, raw: Path) -> ValidateResult:
+def validate_task(raw: Path, checks: ValidateParams, data: DataParams) -> ValidateResult:
     """The Great Expectations data gate."""
-    return validate(raw, params.validate_, params.data)
+    return validate(raw, checks, data)
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT)
@@ -68,24 +79,23 @@ def train_task(recipe: Recipe, dataset: Dataset, run: RunContext, nproc_per_node
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT)
-def evaluate_task(trained: TrainResult, dataset: Dataset, out: Path, params: Params, run: RunContext) -> EvaluateResult:
+def evaluate_task(
+    trained: TrainResult, dataset: Dataset, out: Path, settings: EvalSettings, run: RunContext
+) -> EvaluateResult:
     """Evaluate on the held-out test split."""
-    t = params.train
-    return evaluate(trained.model_dir, dataset, out, trained.kind, t.batch_size, t.workers, params.evaluate.ece_bins,
-                    run=run)  # fmt: skip
+    return evaluate(trained.model_dir, dataset, out, trained.kind, settings, run=run)
 
 
 @task(cache_policy=NO_CACHE)
-def build_task(trained: TrainResult, dataset: Dataset, params: Params) -> BuildResult:
+def build_task(trained: TrainResult, dataset: Dataset, export: ExportParams, engine: EngineParams) -> BuildResult:
     """ONNX export and the engines of the target, each behind its parity gate."""
-    return build(trained.model_dir, dataset, params.export, params.engine)
+    return build(trained.model_dir, dataset, export, engine)
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT)
-def bench_task(trained: TrainResult, built: BuildResult, params: Params, run: RunContext) -> BenchOutcome:
+def bench_task(trained: TrainResult, built: BuildResult, settings: BenchParams, run: RunContext) -> BenchOutcome:
     """Batch-1 latency and throughput of every engine."""
-    return bench(trained.model_dir, params.bench.out, params.bench, built.engine_dir, built.onnx.path, run=run,
-                 track=True)  # fmt: skip
+    return bench(trained.model_dir, settings.out, settings, built.engine_dir, built.onnx.path, run=run, track=True)
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT)
@@ -181,7 +191,7 @@ def _run(params: Params, params_file: str, force: bool, nproc_per_node: int) -> 
         tags["prefect.flow_run_url"] = flow_run.ui_url
     with tracking.start_run(f"retrain-{name}", tags=tags) as parent:
         run = run_context(params, parent_run_id=parent.run_id)  # every stage's run becomes its child
-        checked = validate_task(params, raw)
+        checked = validate_task(raw, params.validate_, params.data)
         if not checked.passed:
             reasons = "; ".join(checked.failures) or "see the validation report"
             record_outcome(parent, "data-gate-failed", None)
@@ -189,19 +199,19 @@ def _run(params: Params, params_file: str, force: bool, nproc_per_node: int) -> 
             message = f"data gate failed for {checked.data}: {reasons} ({checked.report_path})"
             return Failed(name=DATA_GATE_FAILED, message=message)
         dataset = checked.dataset
-        references = GateInputs.from_params(params)
+        references, scoring = GateInputs.from_params(params), EvalSettings.from_params(params)
         if _needs_baseline(params):
             baseline = train_task(recipe_for(params, baseline=True), dataset, run, 1, params_file)
-            scored = evaluate_task(baseline, dataset, references.baseline_eval, params, run)
+            scored = evaluate_task(baseline, dataset, references.baseline_eval, scoring, run)
             references = _with_baseline(references, baseline, scored)
         trained = train_task(recipe_for(params), dataset, run, nproc_per_node, params_file)
-        evaluated = evaluate_task(trained, dataset, params.evaluate.out_dir / "vit", params, run)
+        evaluated = evaluate_task(trained, dataset, params.evaluate.out_dir / "vit", scoring, run)
         try:
-            built = build_task(trained, dataset, params)
+            built = build_task(trained, dataset, params.export, params.engine)
         except ParityError as err:  # an explicit engine target whose parity gate said no
             record_outcome(parent, "engine-gate-failed", None)
             return Failed(name=ENGINE_GATE_FAILED, message=f"{err}; nothing registered, no alias moved")
-        benched = bench_task(trained, built, params, run)
+        benched = bench_task(trained, built, params.bench, run)
         gate_inputs = _with_candidate(references, evaluated, benched, dataset)
         gated = gate_task(trained, gate_inputs, GateSettings.from_params(params), run)
         records = _register_inputs(checked, built, benched, gated)

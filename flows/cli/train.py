@@ -106,7 +106,7 @@ def cmd_train(args: argparse.Namespace, params: Params) -> int:
 
 def cmd_evaluate(args: argparse.Namespace, params: Params) -> int:
     """Evaluate a model folder on the test split; write metrics JSON, predictions and plots; log them to MLflow."""
-    from vitops.flows.evaluation import evaluate
+    from vitops.flows.evaluation import EvalSettings, evaluate
 
     kind = "baseline" if args.baseline else "vit"
     model_dir = Path(args.model_dir or (params.baseline.out_dir if args.baseline else params.train.out_dir) / "model")
@@ -115,9 +115,7 @@ def cmd_evaluate(args: argparse.Namespace, params: Params) -> int:
         dataset_of(params, args.data),
         Path(args.out or params.evaluate.out_dir / kind),
         kind=kind,
-        batch_size=params.train.batch_size,
-        workers=params.train.workers,
-        ece_bins=params.evaluate.ece_bins,
+        settings=EvalSettings.from_params(params),
         device=args.device,
         run=run_context(params) if not args.no_tracking else None,
     )
