@@ -45,6 +45,9 @@ def quiet_prefect(verbose: bool) -> None:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     # The ephemeral API migrates its database on the first start of a machine: 20 s is not always enough here.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # The embedded (ephemeral) API's telemetry heartbeat writes to the SQLite database the flow run is using and
+    # prints a "database is locked" traceback when they collide; it also reaches out to the internet.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def cmd_retrain(args: argparse.Namespace, params: Params) -> int:
