@@ -15,10 +15,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -103,6 +107,97 @@ def load_pyfunc(name: str, version: str) -> Any:
     except Exception as err:  # MlflowException, connection errors, a model this machine cannot load
         raise RegistryError(f"cannot load {name} version {version} from {server_uri()}: {err}") from err
     return model.unwrap_python_model()
+
+
+class ArtifactCheckError(RegistryError):
+    """A version's downloaded files do not match its sha256 records: it must not be served."""
+
+
+def fetch_version(name: str, version: str, cache: Path) -> Path:
+    """The version's pyfunc model in `cache/<name>/<version>`, downloaded unless an intact copy is there, with
+    every file's sha256 checked against the version's records (`serving.json`, and the `weights_sha256` tag).
+
+    A download goes to a partial folder first and is renamed into place only after its check, so a crash or a
+    refused version never leaves a folder that looks served.
+
+    Raises:
+        ArtifactCheckError: a file is missing or its sha256 differs from the record.
+        RegistryError: the version cannot be read or downloaded (the server is down, the version is gone).
+    """
+    import mlflow
+
+    check_name(name)
+    version = version_number(version)
+    tags = dict(read_version(mlflow_client(), name, version).tags)
+    final = Path(cache).expanduser() / name / version
+    if final.is_dir():
+        try:
+            check_artifacts(final, tags)
+            return final
+        except ArtifactCheckError as err:
+            log.warning("cached %s version %s is damaged (%s); downloading it again", name, version, err)
+            shutil.rmtree(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=final.parent))
+    try:
+        with server_errors(f"downloading version {version} of {name}"):
+            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(partial))
+        local = partial if (partial / "MLmodel").is_file() else next(p.parent for p in partial.rglob("MLmodel"))
+        check_artifacts(local, tags)
+        os.replace(local, final)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return final
+
+
+def check_artifacts(model_dir: Path, tags: dict[str, str]) -> None:
+    """Check each file `serving.json` records (engines, ONNX export, weights) against its sha256, and the weights
+    against the version's `weights_sha256` tag where it has one."""
+    from vitops.common.files import sha256_file
+
+    art = Path(model_dir) / "artifacts"
+    try:
+        serving = json.loads((art / "serving.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ArtifactCheckError(f"{model_dir}: no readable serving.json ({err})") from None
+    records = {f"engines/{e.get('file')}": e.get("sha256") for e in serving.get("engines", [])}
+    records["model.onnx"] = (serving.get("onnx") or {}).get("sha256")
+    records["model/weights.safetensors"] = serving.get("weights_sha256")
+    tagged = tags.get("weights_sha256")
+    if tagged and tagged != records["model/weights.safetensors"]:
+        raise ArtifactCheckError(f"serving.json's weights sha256 differs from the version's tag {tagged[:12]}...")
+    for rel, expected in records.items():
+        path = art / rel
+        if not expected:
+            raise ArtifactCheckError(f"{rel} has no sha256 record in serving.json")
+        if not path.is_file():
+            raise ArtifactCheckError(f"{rel} is missing from the downloaded version")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ArtifactCheckError(f"{rel}: sha256 {actual[:12]}... differs from its record {expected[:12]}...")
+
+
+def load_local_pyfunc(model_dir: Path) -> tuple[Any, Any]:
+    """The pyfunc model saved in `model_dir` (MLflow's loader, with the version's own `pyfunc_model` code) and its
+    input example, for a process that may already hold another version.
+
+    Raises:
+        RegistryError: MLflow cannot load the folder.
+    """
+    import sys
+
+    import mlflow
+    from mlflow.models import Model
+
+    # Each version ships its own pyfunc_model.py; a cached module of another version would unpickle this one's
+    # model with that version's code. The other version's objects keep the module they were built with.
+    sys.modules.pop("pyfunc_model", None)
+    try:
+        model = mlflow.pyfunc.load_model(str(model_dir))
+        example = Model.load(str(model_dir)).load_input_example(str(model_dir))
+    except Exception as err:  # MlflowException, ImportError, an engine this machine cannot open
+        raise RegistryError(f"cannot load the pyfunc model in {model_dir}: {err}") from err
+    return model, example
 
 
 # -- talking to the server --------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ FLOWS_LAYERS = {
     "promotion": 3,
     "retrain": 4,
     "pilot": 4,
+    "endpoint": 4,
     "cli": 5,
 }
 # The core may import only these of vitops (DESIGN.md, "Layers").
