@@ -96,7 +96,9 @@ def decode_image(data: bytes, max_pixels: int, what: str = "the body") -> np.nda
         except UnidentifiedImageError:
             raise InputError(f"{what} is not an image ({len(data)} bytes that PIL cannot identify)") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise InputError(f"{what} is too large to decode safely: {err}", 413) from None
+            raise InputError(
+                f"{what} is too large to decode safely, far over endpoint.max_pixels ({err})", 413
+            ) from None
         except (OSError, SyntaxError, ValueError) as err:
             raise InputError(f"{what} is not a readable image: {err}") from None
         with img:

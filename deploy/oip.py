@@ -67,6 +67,7 @@ def parse_infer_request(body: Any, limits: Limits) -> InferRequest:
     inputs = body.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise InputError(f"an infer request carries exactly one input, {INPUT!r}, in its `inputs` list")
+    rid, outputs = _request_id(body), _requested_outputs(body)  # the cheap checks before any decoding
     tensor = inputs[0]
     name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
     if name != INPUT:
@@ -83,7 +84,7 @@ def parse_infer_request(body: Any, limits: Limits) -> InferRequest:
         raise InputError(
             f"input {INPUT!r} has datatype {datatype!r}: send BYTES (base64 PNG or JPEG files) or UINT8 [N,H,W,3]"
         )
-    return InferRequest(_request_id(body), images, _requested_outputs(body))
+    return InferRequest(rid, images, outputs)
 
 
 def infer_response(model: str, version: str, request: InferRequest, out: Answers) -> dict[str, Any]:
