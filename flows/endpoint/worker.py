@@ -91,8 +91,10 @@ class ClassifierAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         """Load and check the served version, then start watching for the next one."""
         configure_logging(self.verbose)
-        if str(device).startswith("cuda:"):  # engines that use a GPU see only this worker's
-            os.environ.setdefault("CUDA_VISIBLE_DEVICES", str(device).split(":", 1)[1])
+        if str(device).startswith("cuda:"):  # engines see only this worker's GPU (LitServe counts the visible ones)
+            index = int(str(device).split(":", 1)[1])
+            visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible[index] if index < len(visible) else str(index)
         self.worker_id = int(os.environ.get("LITSERVE_WORKER_ID", "0"))
         self._status: dict[str, Any] = {"pid": os.getpid(), "staged": None}
         target = state.read(state.target_file(self.state_dir))["serving"]
