@@ -303,21 +303,15 @@ class PilotParams(_Section):
     approval_poll_s: int = Field(10, ge=1, description="how often the paused run checks for the approval")
 
 
-_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"  # the name of a variable, never its value
-
-
 class EndpointParams(_Section):
-    """The line-side endpoint (`vitops endpoint NAME`, flows/endpoint/): batching, workers, input limits, how it
-    follows the registry, and auth. Host, port and alias are flags of the command."""
+    """The line-side endpoint (`vitops endpoint NAME`); the `*_env` keys name environment variables, never values."""
 
-    accelerator: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="auto = one worker group per visible NVIDIA GPU when nvidia-smi lists one, else the CPU"
-    )
+    accelerator: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: GPUs if nvidia-smi lists any")
     workers: int = Field(1, ge=1, description="inference processes per device, each holding the served version")
     api_servers: int = Field(0, ge=0, description="HTTP processes that decode and check images; 0 = one per worker")
     max_batch_size: int = Field(8, ge=1, description="requests a worker runs as one dynamic batch")
-    batch_timeout: float = Field(0.005, ge=0.0, description="seconds a worker waits to fill a batch")
-    timeout_s: float = Field(30.0, gt=0.0, description="a request not answered by then gets 504")
+    batch_timeout: float = Field(0.005, ge=0.0, le=1.0, description="seconds a worker waits to fill a batch")
+    timeout_s: float = Field(30.0, ge=2.0, description="a request not answered by then gets 504")
     max_pixels: int = Field(16_000_000, ge=1, description="largest width x height of one image (decompression bombs)")
     max_body_mb: float = Field(16.0, gt=0.0, description="largest request body, in MiB")
     max_batch_images: int = Field(64, ge=1, description="most images one request may carry")
@@ -325,16 +319,8 @@ class EndpointParams(_Section):
     swap_timeout_s: float = Field(600.0, gt=0.0, description="longest a new version may take to load and warm up")
     warmup_iters: int = Field(3, ge=1, description="warm-up runs of a new version at batch 1 and at full batch")
     cache_dir: Path = Field(Path("~/.cache/vitops/endpoint"), description="verified downloads of served versions")
-    token_env: str | None = Field(None, pattern=_ENV_NAME, description="env var holding the bearer token; None = off")
-    webhook_secret_env: str | None = Field(
-        None, pattern=_ENV_NAME, description="env var holding the MLflow webhook secret; None = no webhook route"
-    )
-
-    @model_validator(mode="after")
-    def _timeouts(self) -> EndpointParams:
-        if self.batch_timeout >= self.timeout_s:
-            raise ValueError(f"batch_timeout ({self.batch_timeout}) must be below timeout_s ({self.timeout_s})")
-        return self
+    token_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="bearer token; None = no auth")
+    webhook_secret_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="None = no webhook")
 
 
 class TrackingParams(_Section):

@@ -66,7 +66,7 @@ def first_version(cfg: FollowerConfig) -> dict[str, str]:
     if holder is None:
         raise registry.RegistryError(
             f"{cfg.name} has no alias {cfg.alias!r} at {registry.server_uri()}: promote a version first "
-            f"(vitops promote --to {cfg.alias}) or serve another alias with --alias"
+            f"(vitops promote {cfg.name} --version N --alias {cfg.alias}) or serve another alias with --alias"
         )
     path = registry.fetch_version(cfg.name, holder, cfg.cache_dir)
     serving = {"version": holder, "path": str(path)}
