@@ -127,6 +127,8 @@ class TrainParams(_Section):
     color_jitter: float = Field(0.0, ge=0.0)
     auto_augment: str | None = None
     re_prob: float = Field(0.0, ge=0.0, le=1.0)
+    augment_on: Literal["auto", "device", "loader"] = "auto"  # device: in batches on the device; loader: per image
+    decode_cache: Path | None = Path("~/.cache/vitops/decoded")  # decoded sets over 64 MiB; None: in memory only
     teacher: str | None = Field(
         None, description="model to distil from: file:<vitops model folder> or mlflow:models:/<name>@<alias>"
     )

@@ -108,7 +108,7 @@ def predict_split(
     from vitops.vit.data import create_dataset
     from vitops.vit.evaluate import predict
 
-    images = create_dataset(dataset.root, dataset.rows(), meta, split, cache=False)
+    images = create_dataset(dataset.root, dataset.rows(), meta, split)
     loader = DataLoader(images, batch_size=batch_size, num_workers=workers)
     probs, labels = predict(model, loader, device)
     return probs, labels, list(images.paths)

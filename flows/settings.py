@@ -54,6 +54,7 @@ class Recipe:
     config: dict[str, Any] = field(default_factory=dict)
     augment: dict[str, Any] = field(default_factory=dict)  # vit.data.AugmentParams values
     crop_pct: float | None = 1.0
+    decode_cache: Path | None = None  # vit.decode's cache folder; None keeps decoded images in memory
 
 
 def recipe_for(
@@ -83,11 +84,14 @@ def recipe_for(
             config=config,
             augment=augment,
             crop_pct=t.crop_pct,
+            decode_cache=t.decode_cache,
         )
     else:
         b = params.baseline
         config.update(epochs=b.epochs, lr=b.lr, layer_decay=None, weight_decay=b.weight_decay)
-        recipe = Recipe("baseline", b.model, b.source, t.img_size, {}, b.out_dir, None, config, augment, t.crop_pct)
+        recipe = Recipe(
+            "baseline", b.model, b.source, t.img_size, {}, b.out_dir, None, config, augment, t.crop_pct, t.decode_cache
+        )
     if source:
         recipe.source = source
     if epochs:

@@ -49,17 +49,6 @@ class PretrainResult:
     val_top1: float
 
 
-# Small fine-tuning sets are decoded once and kept in memory; larger ones are decoded every epoch.
-_CACHE_BYTES = 4 * 2**30
-
-
-def fits_in_memory(rows: Any) -> bool:
-    """Whether the decoded RGB images stay under `_CACHE_BYTES` (manifest sizes; a guess without them)."""
-    if {"width", "height"} <= set(rows.columns):
-        return float((rows["width"].astype(float) * rows["height"].astype(float) * 3).sum()) <= _CACHE_BYTES
-    return len(rows) <= 20_000
-
-
 def resolve_source(source: str, work: Path) -> str:
     """`mlflow:models:/...` becomes `file:<downloaded model folder>`; other sources pass through."""
     if not source.startswith("mlflow:"):
@@ -135,9 +124,9 @@ def train(
         if teacher is not None:
             meta.extra.update(teacher=recipe.teacher, distill=cfg.distill)
         augment = AugmentParams(**recipe.augment)
-        cache = fits_in_memory(rows)
-        train_set = create_dataset(root, rows, meta, "train", augment, cache=cache)
-        val_set = create_dataset(root, rows, meta, "val", cache=cache)
+        # Decoded once (in memory, or memory-mapped from recipe.decode_cache and reused by later runs)
+        train_set = create_dataset(root, rows, meta, "train", augment, cache_dir=recipe.decode_cache)
+        val_set = create_dataset(root, rows, meta, "val", cache_dir=recipe.decode_cache)
         fingerprint = {"model": arch, "model_kwargs": kwargs, "classes": classes, "source": recipe.source}
         fingerprint["train_images"] = len(train_set)
         if teacher is not None:

@@ -75,3 +75,19 @@ def test_epoch_callback_gets_metrics(data: tuple, tmp_path: Path) -> None:
     fit_tiny(data, replace(CFG, epochs=1), tmp_path, on_epoch=lambda e, m: seen.append((e, dict(m))))
     assert [e for e, _ in seen] == [0]
     assert {"train_loss", "val_loss", "val_top1", "lr", "train_img_per_s"} <= set(seen[0][1])
+
+
+@pytest.mark.slow
+def test_compiled_training_step_matches_eager_and_compiles_once_per_shape(data: tuple, tmp_path: Path) -> None:
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = replace(CFG, epochs=2, compile=True)
+    _, eager = fit_tiny(data, replace(cfg, compile=False), tmp_path / "eager")
+    _, compiled = fit_tiny(data, cfg, tmp_path / "compiled")
+    for a, b in zip(eager.history, compiled.history, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-3)
+    # train forward + backward, validation forward: a few graphs for the whole run, not one per step
+    assert 1 <= counters["stats"]["unique_graphs"] <= 6

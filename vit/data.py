@@ -1,8 +1,10 @@
-"""Images listed in a table of rows (path, label, split) under a dataset root: datasets, timm transforms, loaders.
+"""Images listed in a table of rows (path, label, split) under a dataset root: datasets, timm transforms, samplers.
 
 The table is what the data gate hands over (`data_checks.manifest.load_usable`): one row per usable image,
 `path` relative to the root in posix form. Nothing here reads the manifest file itself, so any caller (a test,
-another data source) can pass a DataFrame. Transforms come from timm (`resolve_data_config`,
+another data source) can pass a DataFrame, and `image_dataset` takes plain lists. Each split is decoded once
+(`vit.decode`); the training augmentation then runs in batches on the device (`vit.augment`, `vit.loader`) or,
+for RandAugment/AutoAugment, per image in the loader. Transforms come from timm (`resolve_data_config`,
 `create_transform`); the normalisation and resize settings travel with the model in `ModelMeta`.
 """
 
@@ -19,6 +21,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from vitops.vit.bundle import ModelMeta
+from vitops.vit.decode import Decoded
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -33,7 +36,7 @@ class DataError(ValueError):
 
 @dataclass
 class AugmentParams:
-    """Training-time augmentation passed to `timm.data.create_transform`.
+    """Training-time augmentation: timm's training transform (`timm.data.create_transform`) with these settings.
 
     Attributes:
         scale_min: smallest crop area fraction of RandomResizedCrop (timm's 0.08 suits ImageNet, not small sets).
@@ -41,6 +44,8 @@ class AugmentParams:
         color_jitter: colour jitter strength; 0 turns it off.
         auto_augment: timm auto-augment policy such as `rand-m9-mstd0.5`, or None.
         re_prob: random-erasing probability.
+        augment_on: `device` (whole batches on the training device, `vit.augment`), `loader` (timm's per-image
+            transforms in the data loader) or `auto` (device, unless `auto_augment` needs the loader).
     """
 
     scale_min: float = 0.8
@@ -48,6 +53,21 @@ class AugmentParams:
     color_jitter: float = 0.0
     auto_augment: str | None = None
     re_prob: float = 0.0
+    augment_on: str = "auto"
+
+    def on_device(self) -> bool:
+        """Whether the training augmentation runs on the device in batches.
+
+        Raises:
+            DataError: `augment_on: device` with an `auto_augment` policy, which has no batched form.
+        """
+        if self.augment_on not in ("auto", "device", "loader"):
+            raise DataError(f"augment_on must be auto, device or loader, got {self.augment_on!r}")
+        if self.augment_on == "device" and self.auto_augment:
+            raise DataError(
+                f"auto_augment {self.auto_augment!r} runs per image in the loader: set augment_on: loader (or auto)"
+            )
+        return self.augment_on == "device" or (self.augment_on == "auto" and not self.auto_augment)
 
 
 def class_names(rows: pd.DataFrame, classes: Sequence[str] | None = None) -> list[str]:
@@ -85,62 +105,51 @@ def split_rows(rows: pd.DataFrame, split: str) -> pd.DataFrame:
 
 
 class ImageRows(Dataset):
-    """A map-style dataset over table rows; images are decoded as RGB and optionally kept in memory.
+    """A map-style dataset over images decoded once (`vit.decode`), with two ways to read it.
+
+    - Item by item (`dataset[i]`, a DataLoader): the image through `transform`, timm's per-image transform
+      (training: the whole augmentation; evaluation: ToTensor + Normalize of the decoded, already resized and
+      cropped image, which is today's evaluation input bit for bit).
+    - Batch by batch on the device (`vit.loader.DeviceLoader`): uint8 batches of `decoded.images` through
+      `batch_transform` (`vit.augment.BatchAugment` or `Normalise`); None when the augmentation must run per image.
 
     Args:
-        root: dataset root the row paths are relative to.
-        rows: table with `path` and `label` columns.
-        classes: class names in logit order.
+        root: dataset root the paths are relative to.
+        paths: image files relative to `root`.
+        targets: class index of every image.
+        decoded: the images, decoded once.
         transform: callable from a PIL image to a tensor.
-        cache: keep decoded images in memory (small fine-tuning sets decode once instead of every epoch).
+        batch_transform: callable on uint8 batches on the device, or None.
     """
 
     def __init__(
         self,
         root: Path,
-        rows: pd.DataFrame,
-        classes: Sequence[str],
+        paths: Sequence[str],
+        targets: Sequence[int],
+        decoded: Decoded,
         transform: Any = None,
-        cache: bool = True,
+        batch_transform: Any = None,
     ) -> None:
-        index = {name: i for i, name in enumerate(classes)}
-        unknown = sorted({str(x) for x in rows["label"]} - set(index))
-        if unknown:
-            raise DataError(f"labels {unknown} are not among the model's classes {list(classes)}")
         self.root = Path(root)
-        self.paths = [str(p) for p in rows["path"]]
-        self.targets = [index[str(label)] for label in rows["label"]]
+        self.paths = [str(p) for p in paths]
+        self.targets = [int(t) for t in targets]
+        self.decoded = decoded
         self.transform = transform
-        self.cache = cache
+        self.batch_transform = batch_transform
         self.seed: int | None = None  # set by the training loader together with an EpochSampler
         # timm's RandAugment/AugMix draw from NumPy's global generator; seeding it per image costs ~70 us,
-        # so it is done only when such a transform is in use (set by `create_dataset`).
+        # so it is done only when such a transform is in use (set by `image_dataset`).
         self.seed_numpy = False
-        self._images: dict[int, Any] = {}
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def load_image(self, i: int) -> Any:
-        """The decoded RGB image of row `i`."""
+        """The decoded RGB image of row `i` (for evaluation: already resized and centre-cropped)."""
         from PIL import Image
 
-        if i in self._images:
-            return self._images[i]
-        path = self.root / self.paths[i]
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-        except OSError as err:
-            raise DataError(f"{path}: cannot read image ({err}); rerun `vitops validate` to exclude it") from err
-        if self.cache:
-            self._images[i] = img
-        return img
-
-    def preload(self) -> None:
-        """Decode every image into the cache now (before data-loading workers are forked)."""
-        for i in range(len(self)):
-            self.load_image(i)
+        return Image.fromarray(self.decoded.image(i), mode="RGB")
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         # An index from EpochSampler carries the epoch: augment with a seed of (seed, epoch, item), so the
@@ -262,14 +271,80 @@ def create_dataset(
     meta: ModelMeta,
     split: str,
     augment: AugmentParams | None = None,
-    cache: bool = True,
+    cache_dir: Path | None = None,
+    threads: int | None = None,
 ) -> ImageRows:
-    """The dataset of one split: training transforms for `train`, evaluation transforms otherwise."""
+    """The dataset of one split, decoded once: training augmentation for `train`, evaluation input otherwise.
+
+    Args:
+        root: dataset root.
+        rows: image table (path, label, split; the manifest's sha256, when present, keys the decode cache).
+        meta: the model's metadata (classes, input size, interpolation, normalisation, crop).
+        split: `train`, `val` or `test`.
+        augment: the training augmentation.
+        cache_dir: the decode cache for sets too large to keep in memory (`vit.decode`); None: memory only.
+        threads: decoding threads.
+    """
     part = split_rows(rows, split)
-    transform = create_transforms(meta, is_training=split == "train", augment=augment)
-    dataset = ImageRows(root, part, meta.classes, transform=transform, cache=cache)
-    dataset.seed_numpy = split == "train" and bool(augment and augment.auto_augment)
+    index = {name: i for i, name in enumerate(meta.classes)}
+    unknown = sorted({str(x) for x in part["label"]} - set(index))
+    if unknown:
+        raise DataError(f"labels {unknown} are not among the model's classes {list(meta.classes)}")
+    content = list(part["sha256"]) if "sha256" in part.columns and part["sha256"].notna().all() else None
+    targets = [index[str(label)] for label in part["label"]]
+    training = split == "train"
+    return image_dataset(root, list(part["path"]), targets, meta, training, augment, content, cache_dir, threads)
+
+
+def image_dataset(
+    root: Path,
+    paths: Sequence[str],
+    targets: Sequence[int],
+    meta: ModelMeta,
+    training: bool,
+    augment: AugmentParams | None = None,
+    content_ids: Sequence[str] | None = None,
+    cache_dir: Path | None = None,
+    threads: int | None = None,
+) -> ImageRows:
+    """`create_dataset` without a table: images, their class indices and, optionally, their content hashes.
+
+    Raises:
+        DataError: an image cannot be decoded, or the augmentation settings conflict.
+    """
+    from vitops.vit.augment import BatchAugment, Normalise
+    from vitops.vit.decode import DecodeError, DecodeSpec, decode_images
+
+    aug = augment or AugmentParams()
+    if training:
+        spec, geometry = DecodeSpec.for_training(meta.img_size, meta.interpolation), None
+        transform = create_transforms(meta, is_training=True, augment=aug)
+        batch_transform = None
+        if aug.on_device():
+            batch_transform = BatchAugment(
+                meta.img_size, meta.interpolation, meta.mean, meta.std, aug.scale_min, aug.hflip,
+                aug.color_jitter, aug.re_prob,
+            )  # fmt: skip
+    else:
+        spec = DecodeSpec.for_eval(meta.img_size, meta.interpolation, meta.crop_pct)
+        geometry, transform = _split_eval_transform(create_transforms(meta, is_training=False))
+        batch_transform = Normalise(meta.mean, meta.std)
+    try:
+        decoded = decode_images(root, paths, spec, content_ids, cache_dir, threads, geometry=geometry)
+    except DecodeError as err:
+        raise DataError(str(err)) from err
+    dataset = ImageRows(root, paths, targets, decoded, transform=transform, batch_transform=batch_transform)
+    dataset.seed_numpy = training and bool(aug.auto_augment)
     return dataset
+
+
+def _split_eval_transform(transform: Any) -> tuple[Any, Any]:
+    """timm's eval transform as (the PIL steps before ToTensor: resize and crop, the tensor steps from it on)."""
+    from torchvision import transforms
+
+    steps = list(transform.transforms)
+    cut = next(i for i, t in enumerate(steps) if "ToTensor" in type(t).__name__)
+    return transforms.Compose(steps[:cut]), transforms.Compose(steps[cut:])
 
 
 def load_split_tensors(
@@ -290,7 +365,7 @@ def load_split_tensors(
     part = split_rows(rows, split)
     if limit is not None:
         part = part.head(limit)
-    dataset = ImageRows(root, part, meta.classes, transform=create_transforms(meta, is_training=False), cache=False)
+    dataset = create_dataset(root, part, meta, split)
     images, labels = zip(*(dataset[i] for i in range(len(dataset))), strict=True)
     return torch.stack(images).float(), torch.tensor(labels, dtype=torch.int64)
 

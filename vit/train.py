@@ -1,5 +1,6 @@
 """The fine-tuning loop as functions: `train_one_epoch`, `evaluate` and `fit`, built from timm's parts.
 
+Data: each split decoded once (`vit.decode`), augmented in batches on the device (`vit.augment`, `vit.loader`).
 Recipe: AdamW with layer-wise lr decay (`timm.optim.create_optimizer_v2`), warmup + cosine schedule updated
 every optimizer step (`timm.scheduler.create_scheduler_v2`), label smoothing, optional Mixup/CutMix
 (`timm.data.Mixup` + `SoftTargetCrossEntropy`), optional EMA (`timm.utils.ModelEmaV3`), bf16 autocast on
@@ -69,8 +70,9 @@ class TrainConfig:
         seed: seed for weights of new layers, augmentation, sampling and dropout.
         amp: `auto` (bf16 on CUDA, off on CPU), `bf16`, `fp16` (with a GradScaler) or `off`.
         channels_last: use the channels-last memory format (helps CNNs on GPUs).
-        compile: run the model through `torch.compile`.
-        workers: data-loading processes per training process.
+        compile: run the model's forward and backward (and a teacher's forward) through `torch.compile`.
+        workers: loader processes per training process: for per-image augmentation (`augment_on: loader`), or to
+            gather batches on the host when the GPU cannot hold the decoded images (`vit.loader`).
         deterministic: ask torch for deterministic kernels (slower on GPU; CPU runs are deterministic anyway).
         distill: `hard` or `soft` distillation when `fit` is given a teacher (vit/distill.py).
         distill_alpha: weight of the teacher's term against the labels' (1 - alpha).
@@ -146,11 +148,16 @@ def create_loaders(
     dist: DistInfo,
     targets: list[int] | None = None,
     num_classes: int | None = None,
-) -> tuple[DataLoader, DataLoader]:
-    """Training loader (shuffled or class-balanced, sharded over ranks) and validation loader (exact shards)."""
+) -> tuple[Any, Any]:
+    """Training loader (shuffled or class-balanced, sharded over ranks) and validation loader (exact shards).
+
+    Decoded image datasets (`vit.data.ImageRows`) with a batch transform go through a `DeviceLoader` (batches
+    augmented on the device); other datasets, and training sets augmented per image, through a DataLoader.
+    """
     from torch.utils.data import DistributedSampler
 
     from vitops.vit.data import EpochSampler, ImageRows, ShardSampler, sample_weights
+    from vitops.vit.loader import DeviceLoader
 
     if cfg.class_balance == "sampler":
         if targets is None or num_classes is None:
@@ -162,22 +169,25 @@ def create_loaders(
         sampler = DistributedSampler(
             train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed, drop_last=False
         )
-    if isinstance(train_set, ImageRows):
-        train_set.seed = cfg.seed
-        sampler = EpochSampler(sampler, len(train_set))
     mixing = cfg.mixup > 0 or cfg.cutmix > 0
+    # Mixup needs even, full batches; BatchNorm cannot train on a last batch of one image.
+    drop_last = len(sampler) > cfg.batch_size and (mixing or len(sampler) % cfg.batch_size == 1)
+    val_sampler = ShardSampler(len(val_set), dist.rank, dist.world_size)
     common = dict(num_workers=cfg.workers, pin_memory=dist.device.type == "cuda", persistent_workers=cfg.workers > 0)
-    train_loader = DataLoader(
-        train_set,
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        # Mixup needs even, full batches; BatchNorm cannot train on a last batch of one image.
-        drop_last=len(sampler) > cfg.batch_size and (mixing or len(sampler) % cfg.batch_size == 1),
-        **common,
-    )
-    val_loader = DataLoader(
-        val_set, batch_size=cfg.batch_size, sampler=ShardSampler(len(val_set), dist.rank, dist.world_size), **common
-    )
+    device_args = dict(device=dist.device, seed=cfg.seed, rank=dist.rank, workers=cfg.workers)
+    train_loader: Any
+    if isinstance(train_set, ImageRows) and train_set.batch_transform is not None:
+        train_loader = DeviceLoader(train_set, sampler, cfg.batch_size, drop_last=drop_last, **device_args)
+    else:
+        if isinstance(train_set, ImageRows):
+            train_set.seed = cfg.seed
+            sampler = EpochSampler(sampler, len(train_set))
+        train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last, **common)
+    val_loader: Any
+    if isinstance(val_set, ImageRows) and val_set.batch_transform is not None:
+        val_loader = DeviceLoader(val_set, val_sampler, cfg.batch_size, **device_args)
+    else:
+        val_loader = DataLoader(val_set, batch_size=cfg.batch_size, sampler=val_sampler, **common)
     return train_loader, val_loader
 
 
@@ -252,9 +262,11 @@ def train_one_epoch(
         loss_sum += loss.detach().double() * images.shape[0]
         seen += images.shape[0]
         bar.update(images.shape[0])
-        if step % 10 == 0 or step + 1 == steps:
+        if not bar.disable and (step % 10 == 0 or step + 1 == steps):  # .item() waits for the device
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the rate counts the work queued on the GPU, not only its launch
     elapsed = time.perf_counter() - start
     totals = all_reduce_sum(torch.stack([loss_sum, seen]))
     metrics = {
@@ -376,12 +388,10 @@ def fit(
     if cfg.channels_last:
         raw = raw.to(memory_format=torch.channels_last)
     layer_decay = cfg.layer_decay if cfg.layer_decay and cfg.layer_decay < 1.0 else None
-    optimizer = create_optimizer_v2(raw, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay, layer_decay=layer_decay)
-    if cfg.workers > 0:
-        # Decode cached images once in this process, so forked loader workers inherit them every epoch.
-        for dataset in (train_set, val_set):
-            if getattr(dataset, "cache", False):
-                dataset.preload()
+    # Fused: one kernel per parameter group (CUDA) or one pass over each tensor (CPU), not a dozen ops per tensor.
+    optimizer = create_optimizer_v2(
+        raw, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay, layer_decay=layer_decay, fused=True
+    )
     train_loader, val_loader = create_loaders(train_set, val_set, cfg, dist, targets, num_classes)
     updates_per_epoch = max(1, math.ceil(len(train_loader) / cfg.accum_steps))
     scheduler, _ = create_scheduler_v2(
@@ -428,13 +438,17 @@ def fit(
         train_module = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
     eval_module = ema.module if ema is not None else raw
     if cfg.compile:
+        # The model's forward and backward (the teacher's forward) run compiled; the augmentation before them
+        # and Mixup, the loss and the fused optimizer step stay eager. A last, smaller batch compiles once more.
         train_module = torch.compile(train_module)
         eval_module = torch.compile(eval_module)
+        if teacher is not None:
+            teacher = torch.compile(teacher)
 
     stopped_early = False
     num_updates = state["num_updates"]
     for epoch in range(state["epoch"], cfg.epochs):
-        train_loader.sampler.set_epoch(epoch)
+        (getattr(train_loader, "set_epoch", None) or train_loader.sampler.set_epoch)(epoch)
         train_metrics, num_updates = train_one_epoch(
             train_module,
             train_loader,
