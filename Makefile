@@ -18,7 +18,7 @@ SAMPLE_DIR ?= build/sample-digits
 # the pilot's batch of "new images from the line" (params.yaml pilot.batch)
 LINE_BATCH ?= build/line-batch
 
-.PHONY: help setup run repro test test-fast lint format bench-flow bench-validate bench-train bench-latency bench-gpu clean
+.PHONY: help setup run repro test test-fast lint format bench-flow bench-validate bench-train bench-parity bench-latency bench-gpu clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -58,8 +58,11 @@ bench-validate: $(STAMP) ## validation throughput against a plain Pillow decode 
 	$(BIN)/python bench/validate_throughput.py
 
 TIMM_REPO ?= ../pytorch-image-models
-bench-train: $(STAMP) ## training images/s against timm's train.py (TIMM_REPO=path to a timm checkout)
-	$(BIN)/python bench/train_throughput.py --timm-repo $(TIMM_REPO)
+bench-train: $(STAMP) ## training img/s: ceiling, input pipeline vs per-image loader, timm's train.py if TIMM_REPO has it
+	$(BIN)/python bench/train_throughput.py $(if $(wildcard $(TIMM_REPO)/train.py),--timm-repo $(abspath $(TIMM_REPO)))
+
+bench-parity: $(STAMP) ## quickstart top-1 with the augmentation on the device against the per-image loader
+	$(BIN)/python bench/pipeline_parity.py
 
 bench-flow: $(STAMP) ## the retrain flow's orchestration and tracking overhead against the stages called directly
 	$(BIN)/python bench/flow_overhead.py
