@@ -29,14 +29,15 @@ class EngineMeta:
     """What an engine was built from and for.
 
     Attributes:
-        target: `tensorrt`, `onnxruntime` or `openvino`.
-        precision: `fp32`, `fp16`, `int8` (TensorRT), `fp32`, `int8-static`, `int8-dynamic` (ONNX Runtime) or
-            `fp32`, `bf16`, `int8` (OpenVINO).
-        onnx_sha256: hash of the ONNX file the engine was built from.
-        runtime_version: TensorRT or ONNX Runtime version that built it.
-        device: GPU name (TensorRT) or CPU model name (ONNX Runtime, OpenVINO).
+        target: `tensorrt`, `torch-aot`, `onnxruntime` or `openvino`.
+        precision: `fp32`, `fp16`, `int8` (TensorRT), `fp16`, `bf16`, `fp32` (torch-aot), `fp32`, `int8-static`,
+            `int8-dynamic` (ONNX Runtime) or `fp32`, `bf16`, `int8` (OpenVINO).
+        onnx_sha256: hash of the ONNX file the engine was built from (torch-aot: the export of the same weights).
+        runtime_version: TensorRT, torch, ONNX Runtime or OpenVINO version that built it.
+        device: GPU name (TensorRT, torch-aot on CUDA) or CPU model name.
         compute_capability: `major.minor` of the GPU; empty for CPU engines.
-        profile: optimization profile batch sizes `{"min": .., "opt": .., "max": ..}` (TensorRT).
+        profile: batch sizes `{"min": .., "opt": .., "max": ..}` of the optimization profile (TensorRT) or of the
+            dynamic batch (torch-aot).
         vitops_version: version of this package that built it.
         created: UTC timestamp of the build.
         extra: build settings and parity results.
@@ -94,10 +95,11 @@ def check_compatible(meta: EngineMeta, runtime: EngineMeta, engine_path: Path | 
     """Refuse an engine whose build runtime differs from the runtime about to load it.
 
     For TensorRT the runtime version, GPU name and compute capability must all match (a plan file is not
-    portable across any of them). For OpenVINO the version, the CPU name and its ISA (AVX-512, AMX-BF16,
-    AMX-INT8, ...) must match: the precision and the kernels an engine was gated with depend on them. For
-    ONNX Runtime only the target is checked: ORT files are portable ONNX, optimised at the portable `extended`
-    level.
+    portable across any of them). For torch-aot the torch version and device type must match, and on CUDA the
+    GPU, compute capability and CUDA version, on a CPU its name and ISA (an AOTInductor package is compiled code
+    for them). For OpenVINO the version, the CPU name and its ISA (AVX-512, AMX-BF16, AMX-INT8, ...) must match:
+    the precision and the kernels an engine was gated with depend on them. For ONNX Runtime only the target is
+    checked: ORT files are portable ONNX, optimised at the portable `extended` level.
 
     Args:
         meta: metadata read beside the engine.
@@ -125,6 +127,17 @@ def check_compatible(meta: EngineMeta, runtime: EngineMeta, engine_path: Path | 
                 f"{engine_path}: OpenVINO engine does not match this machine: {'; '.join(diffs)}. Its kernels and "
                 "precision were chosen for that CPU and OpenVINO version: rebuild it here with "
                 "`vitops build --target openvino`."
+            )
+        return
+    if meta.target == "torch-aot":
+        from vitops.deploy.aot_runtime import engine_fields, mismatches
+
+        diffs = mismatches(engine_fields(asdict(meta)), engine_fields(asdict(runtime)))
+        if diffs:
+            raise EngineMismatchError(
+                f"{engine_path}: torch-aot engine does not match this machine: {'; '.join(diffs)}. An AOTInductor "
+                "package is compiled for one torch version and device: rebuild it here with "
+                "`vitops build --target torch-aot`."
             )
         return
     if meta.target != "tensorrt":
@@ -163,7 +176,8 @@ def save_timing_cache(path: Path, data: bytes) -> Path | None:
 
 
 # Engine files under the engine folder, one subfolder per target (each a DVC output of its own). OpenVINO
-# engines are an IR (xml + bin) in one uncompressed zip per precision.
+# engines are an IR (xml + bin) in one uncompressed zip per precision; torch-aot engines an AOTInductor package and
+# the exported program in one (deploy/aot_runtime.py), for the device they were built on (their metadata says which).
 ENGINE_FILES = {
     "onnxruntime-fp32": "onnxruntime/fp32.onnx",
     "onnxruntime-int8": "onnxruntime/int8.onnx",
@@ -172,6 +186,9 @@ ENGINE_FILES = {
     "openvino-int8": "openvino/int8.zip",
     "tensorrt-fp16": "tensorrt/fp16.engine",
     "tensorrt-int8": "tensorrt/int8.engine",
+    "torch-aot-fp16": "torch-aot/fp16.zip",
+    "torch-aot-bf16": "torch-aot/bf16.zip",
+    "torch-aot-fp32": "torch-aot/fp32.zip",
 }
 
 

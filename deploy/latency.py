@@ -1,5 +1,5 @@
 """Latency benchmark of one model on several backends: torch eager, ONNX Runtime FP32/INT8, OpenVINO
-FP32/BF16/INT8, and on GPU torch.compile and TensorRT FP16/INT8.
+FP32/BF16/INT8, and on GPU torch.compile, TensorRT FP16/INT8 and torch-aot FP16/BF16/FP32.
 
 Figures per backend: after warm-up, p50/p95/p99 latency at batch 1; throughput (images/s) at a large
 batch; peak memory (growth of the process RSS on CPU, `torch.cuda.max_memory_allocated` on GPU). The
@@ -160,20 +160,25 @@ CPU_BACKENDS = (
     "openvino-bf16",
     "openvino-int8",
 )
-CUDA_BACKENDS = ("torch-cuda", "torch-cuda-compile", "tensorrt-fp16", "tensorrt-int8")
+AOT_BACKENDS = ("torch-aot-fp16", "torch-aot-bf16", "torch-aot-fp32")  # on the device they were built for
+CUDA_BACKENDS = ("torch-cuda", "torch-cuda-compile", "tensorrt-fp16", "tensorrt-int8", *AOT_BACKENDS)
 
 
-def plan_bench(device: str, cuda_available: bool, built: set[str]) -> list[BenchGroup]:
+def plan_bench(
+    device: str, cuda_available: bool, built: set[str], devices: dict[str, str] | None = None
+) -> list[BenchGroup]:
     """Which backends to time on which device: like with like.
 
-    On a GPU machine torch on CUDA is the reference of the TensorRT engines, and torch on the CPU that of the
-    ONNX Runtime and OpenVINO engines (which run on the CPU there too); `device` picks one side (`cpu`, `cuda`) or both
-    (`auto`, where CUDA is available).
+    On a GPU machine torch on CUDA (eager and torch.compile) is the reference of the TensorRT and torch-aot
+    engines, and torch on the CPU that of the ONNX Runtime and OpenVINO engines (which run on the CPU there too)
+    and of torch-aot engines built for the CPU; `device` picks one side (`cpu`, `cuda`) or both (`auto`, where
+    CUDA is available).
 
     Args:
         device: `auto`, `cpu` or `cuda`.
         cuda_available: whether torch sees a CUDA device.
         built: names of the engine backends whose files exist (e.g. `onnxruntime-int8`, `tensorrt-fp16`).
+        devices: the device each torch-aot engine was built for (its metadata's `device_type`; default `cuda`).
 
     Raises:
         ValueError: `cuda` was asked for on a machine without CUDA, or an unknown device.
@@ -182,12 +187,17 @@ def plan_bench(device: str, cuda_available: bool, built: set[str]) -> list[Bench
         raise ValueError(f"bench device {device!r}: use auto, cpu or cuda")
     if device == "cuda" and not cuda_available:
         raise ValueError("bench --device cuda: torch sees no CUDA device here; use --device cpu")
+    devices = devices or {}
+    on_cpu = {b for b in AOT_BACKENDS if devices.get(b) == "cpu"}
     groups = []
     if device == "cuda" or (device == "auto" and cuda_available):
-        engines = [b for b in CUDA_BACKENDS if b.startswith("torch-") or b in built]
+        engines = [b for b in CUDA_BACKENDS if b in ("torch-cuda", "torch-cuda-compile") or b in built - on_cpu]
         groups.append(BenchGroup("cuda", "torch-cuda", engines))
     if device in ("cpu", "auto"):
-        groups.append(BenchGroup("cpu", "torch-eager", [b for b in CPU_BACKENDS if b == "torch-eager" or b in built]))
+        engines = [
+            b for b in (*CPU_BACKENDS, *AOT_BACKENDS) if b == "torch-eager" or b in built & (set(CPU_BACKENDS) | on_cpu)
+        ]
+        groups.append(BenchGroup("cpu", "torch-eager", engines))
     return groups
 
 
@@ -235,9 +245,39 @@ def ov_runner(path: Path, threads: int = 0) -> Runner:
 
 
 def cpu_runner(backend: str, path: Path, threads: int = 0) -> Runner:
-    """A batch runner for a CPU engine by its backend name (`onnxruntime-*` or `openvino-*`); `threads` 0 = as
-    tuned at build."""
+    """A batch runner for a CPU engine by its backend name (`onnxruntime-*`, `openvino-*`, or `torch-aot-*` built for
+    the CPU); `threads` 0 = as tuned at build."""
+    if backend.startswith("torch-aot"):
+        return aot_runner(path)
     return ov_runner(path, threads) if backend.startswith("openvino") else ort_runner(path, threads)
+
+
+def engine_runner(backend: str, path: Path, threads: int = 0) -> Runner:
+    """A batch runner for any engine by its backend name: TensorRT, torch-aot (on the device it was built for),
+    ONNX Runtime or OpenVINO."""
+    if backend.startswith("tensorrt"):
+        return trt_runner(path)
+    if backend.startswith("torch-aot"):
+        return aot_runner(path)
+    return cpu_runner(backend, path, threads)
+
+
+def aot_runner(path: Path) -> Runner:
+    """A runner for a torch-aot engine (checked against this machine first), from host memory to a finished result
+    on its device, as `torch_runner` times torch."""
+    import torch
+
+    from vitops.deploy.torch_aot import load_aot_engine
+
+    engine = load_aot_engine(path)
+
+    def run(images: np.ndarray) -> Any:
+        out = engine(torch.from_numpy(images))
+        if engine.device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    return run
 
 
 def trt_runner(path: Path) -> Runner:

@@ -1,24 +1,29 @@
-"""TensorRT engines for NVIDIA GPUs, built from the exported ONNX file with the tensorrt Python API.
+"""TensorRT engines for NVIDIA GPUs (TensorRT 10 and 11), built from the exported ONNX file with its Python API.
+
+Networks are strongly typed: the precision is written into the ONNX graph before TensorRT parses it
+(`deploy.onnx_fp16.to_fp16`: FP16 everywhere except LayerNorm, softmax and the reductions, which ViTs lose
+accuracy on in FP16, and Q/DQ), and TensorRT keeps every tensor at the type the graph gives it. One code path
+serves TensorRT 10 and 11: 11 dropped the FP16, INT8 and OBEY_PRECISION_CONSTRAINTS builder flags (and per-layer
+precision pins) that weakly typed builds needed, and 10 builds strongly typed networks the same way.
 
 Everything that decides what to build is a plain function tested on any machine: which target to build
-(`choose_target`), which precision the GPU supports (`choose_precision`), the builder flags, the
-optimization profile shapes, which layers stay in FP32 under FP16 (`layers_to_pin_fp32`: LayerNorm,
-softmax and the reductions inside attention, since ViTs lose accuracy in plain FP16), metadata,
-compatibility checks, the timing cache and the atomic write. The tensorrt calls themselves are few and
-sit in `_trt_build` and `_trt_runner` only.
+(`choose_target`), which precision the GPU supports (`choose_precision`), the typed ONNX graph, the optimization
+profile shapes, metadata, compatibility checks, the timing cache and the atomic write. The tensorrt calls
+themselves are few and sit in `_trt_build` and `_trt_runner` only.
 
 INT8 uses explicit quantization: the ONNX model is first quantized to symmetric QDQ with ONNX Runtime's
-calibrator on validation images (the same code as the CPU engine, `deploy.onnxrt.quantize_onnx`), and
-TensorRT builds from the Q/DQ nodes. TensorRT 10 deprecates implicit INT8 calibrators
-(IInt8EntropyCalibrator2), so they are not used.
+calibrator on validation images (the same code as the CPU engine, `deploy.onnxrt.quantize_onnx`), then typed
+FP16 around its Q/DQ nodes, and TensorRT builds from them. Implicit INT8 calibrators (IInt8EntropyCalibrator2)
+are deprecated in TensorRT 10 and gone in 11, so they are not used.
 
-Verified on hardware: none yet; the plain functions around the tensorrt calls are unit-tested on CPU.
+Verified on hardware: none yet (no TensorRT wheel installs in this workplace); the plain functions around the
+tensorrt calls, the typed graphs included (run in ONNX Runtime), are unit-tested on CPU.
 """
 
 from __future__ import annotations
 
 import logging
-import re
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,14 +43,7 @@ from vitops.deploy.engine_meta import (
 log = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "fp16", "int8"]
-Target = Literal["auto", "onnxruntime", "openvino", "tensorrt"]
-
-# Layer types TensorRT's ONNX parser creates for LayerNormalization, Softmax and ReduceMean/ReduceSum.
-FP32_LAYER_TYPES = frozenset({"NORMALIZATION", "SOFTMAX", "REDUCE"})
-# Layer names (from ONNX node names) of LayerNorm when exported as primitive ops, softmax and the
-# reductions around it: elementwise and unary layers inside these stay in FP32 as well.
-FP32_NAME_PATTERN = re.compile(r"(norm|softmax|reducemean|reducesum|reducemax|pow|sqrt)", re.IGNORECASE)
-FP32_NAMED_TYPES = frozenset({"ELEMENTWISE", "UNARY", "REDUCE", "NORMALIZATION", "SOFTMAX"})
+Target = Literal["auto", "onnxruntime", "openvino", "tensorrt", "torch-aot"]
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -61,12 +59,12 @@ class TrtPlan:
     """What to build.
 
     Attributes:
-        precision: `fp32`, `fp16` (with FP32 LayerNorm/softmax) or `int8` (from an explicit Q/DQ model).
+        precision: `fp32`, `fp16` (with FP32 LayerNorm/softmax) or `int8` (from an explicit Q/DQ model, FP16
+            around it), written into the ONNX graph (`typed_onnx`).
         input_name: the network input.
         input_chw: channels, height, width of one image.
         profile: batch sizes `{"min", "opt", "max"}` of the optimization profile.
         workspace_gib: builder workspace memory limit.
-        flags: TensorRT builder flag names (`BuilderFlag` members).
         extra: notes recorded in the metadata.
     """
 
@@ -75,7 +73,6 @@ class TrtPlan:
     input_chw: tuple[int, int, int]
     profile: dict[str, int]
     workspace_gib: float = 4.0
-    flags: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -95,30 +92,33 @@ def tensorrt_status() -> tuple[bool, str]:
     return True, ""
 
 
-def choose_target(requested: Target, available: bool, reason: str = "") -> tuple[str, str]:
+def choose_target(requested: Target, available: bool, reason: str = "", cuda: bool = False) -> tuple[str, str]:
     """Pick the engine target.
 
     Args:
-        requested: `auto`, `onnxruntime`, `openvino` or `tensorrt`.
+        requested: `auto`, `onnxruntime`, `openvino`, `tensorrt` or `torch-aot`.
         available: whether TensorRT can build here (see `tensorrt_status`).
         reason: why it cannot.
+        cuda: whether torch sees a CUDA device (torch-aot builds wherever it does).
 
     Returns:
-        The target (`cpu` for `auto` without TensorRT: every CPU engine, the fastest served) and a message for
-        the user (empty when nothing to say).
+        The target (`auto` becomes `gpu` with CUDA: TensorRT where it can build, and torch-aot; else `cpu`: every CPU
+        engine; the fastest that agrees is served) and a message for the user (empty when nothing to say).
 
     Raises:
         TensorRTUnavailable: when `tensorrt` was asked for explicitly and cannot run.
     """
-    if requested in ("onnxruntime", "openvino"):
+    if requested in ("onnxruntime", "openvino", "torch-aot"):
         return requested, ""
-    if available:
-        return "tensorrt", ""
     if requested == "tensorrt":
+        if available:
+            return "tensorrt", ""
         raise TensorRTUnavailable(
             f"TensorRT was requested but cannot run here: {reason}. Build on an NVIDIA GPU machine with "
-            "`pip install 'vitops[tensorrt]'`, or use --target onnxruntime, openvino (or auto)."
+            "`pip install 'vitops[tensorrt]'`, or use --target torch-aot, onnxruntime, openvino (or auto)."
         )
+    if available or cuda:
+        return "gpu", "" if available else f"TensorRT skipped ({reason}); building the torch-aot engine"
     return "cpu", f"TensorRT skipped ({reason}); building the CPU engines (ONNX Runtime, OpenVINO) instead"
 
 
@@ -140,19 +140,6 @@ def choose_precision(requested: Precision, compute_capability: str) -> tuple[Pre
     return requested, ""
 
 
-def builder_flags(precision: Precision) -> list[str]:
-    """TensorRT builder flags for a precision.
-
-    FP16 and INT8 obey per-layer precision constraints so that the layers pinned to FP32 stay there;
-    INT8 also allows FP16 for the layers left unquantized by the Q/DQ model.
-    """
-    return {
-        "fp32": [],
-        "fp16": ["FP16", "OBEY_PRECISION_CONSTRAINTS"],
-        "int8": ["INT8", "FP16", "OBEY_PRECISION_CONSTRAINTS"],
-    }[precision]
-
-
 def profile_shapes(chw: Sequence[int], profile: dict[str, int]) -> tuple[tuple[int, ...], ...]:
     """Min, opt and max input shapes of the optimization profile.
 
@@ -165,21 +152,14 @@ def profile_shapes(chw: Sequence[int], profile: dict[str, int]) -> tuple[tuple[i
     return tuple((b, *chw) for b in (lo, opt, hi))
 
 
-def layers_to_pin_fp32(layers: Sequence[tuple[str, str]]) -> list[str]:
-    """Names of the network layers to keep in FP32 in an FP16 build.
+def typed_onnx(onnx_path: Path, precision: Precision, folder: Path) -> tuple[Path, list[str]]:
+    """The ONNX graph TensorRT builds a strongly typed network from: `onnx_path` itself for FP32, else its FP16
+    version written into `folder` (`deploy.onnx_fp16.write_fp16`); returns it and the nodes kept in FP32."""
+    if precision == "fp32":
+        return Path(onnx_path), []
+    from vitops.deploy.onnx_fp16 import write_fp16
 
-    Args:
-        layers: `(name, type)` of each layer, type as a `trt.LayerType` member name.
-
-    Pinned: every normalization, softmax and reduce layer, plus elementwise/unary layers whose name says
-    they belong to a LayerNorm or softmax (a LayerNorm exported below opset 17 is ReduceMean, Sub, Pow,
-    Sqrt, Div...).
-    """
-    return [
-        name
-        for name, kind in layers
-        if kind in FP32_LAYER_TYPES or (kind in FP32_NAMED_TYPES and FP32_NAME_PATTERN.search(name))
-    ]
+    return write_fp16(Path(onnx_path), Path(folder) / f"{precision}.onnx")
 
 
 def make_plan(
@@ -204,7 +184,6 @@ def make_plan(
         input_chw=(dims[1], dims[2], dims[3]),
         profile=dict(profile),
         workspace_gib=workspace_gib,
-        flags=builder_flags(chosen),
         extra={"requested_precision": precision, "note": note},
     )
 
@@ -231,7 +210,7 @@ def build_trt_engine(
     """Build a TensorRT engine and publish it atomically with its metadata; the timing cache is reused.
 
     Args:
-        onnx_path: FP32 ONNX (fp32/fp16) or its symmetric Q/DQ version (int8).
+        onnx_path: FP32 ONNX (fp32/fp16) or its symmetric Q/DQ version (int8); typed to the plan's precision here.
         out: engine file (`.engine`); `out.json` gets the metadata.
         plan: from `make_plan`.
         timing_cache: loaded before the build (if present) and saved back after it.
@@ -248,7 +227,9 @@ def build_trt_engine(
         plan.profile,
         "reused" if cache_in else "new",
     )
-    engine, cache_out, pinned = _trt_build(onnx_path, plan, cache_in)
+    with tempfile.TemporaryDirectory(dir=Path(out).parent, prefix=".trt-") as tmp:
+        typed, fp32_nodes = typed_onnx(onnx_path, plan.precision, Path(tmp))
+        engine, cache_out = _trt_build(typed, plan, cache_in)
     atomic_write_bytes(Path(out), _chunks(engine))
     save_timing_cache(timing_cache, cache_out)
     meta = EngineMeta(
@@ -261,7 +242,12 @@ def build_trt_engine(
         profile=dict(plan.profile),
         vitops_version=vitops_version(),
         created=utc_now(),
-        extra={**plan.extra, "flags": plan.flags, "fp32_layers": len(pinned), "timing_cache_reused": bool(cache_in)},
+        extra={
+            **plan.extra,
+            "strongly_typed": True,
+            "fp32_nodes": len(fp32_nodes),
+            "timing_cache_reused": bool(cache_in),
+        },
     )
     write_meta(Path(out), meta)
     return meta
@@ -287,28 +273,21 @@ def _chunks(data: Any, size: int = 16 << 20) -> Iterator[bytes]:
 # --- the tensorrt calls ----------------------------------------------------------------------------
 
 
-def _trt_build(onnx_path: Path, plan: TrtPlan, timing_cache: bytes) -> tuple[bytes, bytes, list[str]]:
-    """Parse, configure and build; returns the serialized engine, the timing cache and the pinned layers."""
+def _trt_build(onnx_path: Path, plan: TrtPlan, timing_cache: bytes) -> tuple[bytes, bytes]:
+    """Parse a typed ONNX graph into a strongly typed network and build it; returns the serialized engine and the
+    timing cache."""
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    # Strongly typed: every tensor keeps the ONNX graph's type (TensorRT 10 and 11; explicit batch is implied).
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise TensorRTBuildError(f"{onnx_path}: TensorRT cannot parse it: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(plan.workspace_gib * (1 << 30)))
-    for flag in plan.flags:
-        config.set_flag(getattr(trt.BuilderFlag, flag))
-    layers = [network.get_layer(i) for i in range(network.num_layers)]
-    pinned = layers_to_pin_fp32([(layer.name, layer.type.name) for layer in layers]) if plan.precision != "fp32" else []
-    for layer in layers:
-        if layer.name in pinned:
-            layer.precision = trt.float32
-            for j in range(layer.num_outputs):
-                layer.set_output_type(j, trt.float32)
     profile = builder.create_optimization_profile()
     profile.set_shape(plan.input_name, *profile_shapes(plan.input_chw, plan.profile))
     config.add_optimization_profile(profile)
@@ -317,7 +296,7 @@ def _trt_build(onnx_path: Path, plan: TrtPlan, timing_cache: bytes) -> tuple[byt
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise TensorRTBuildError(f"{onnx_path}: TensorRT build failed (see the TensorRT log above)")
-    return bytes(memoryview(serialized)), bytes(memoryview(cache.serialize())), pinned
+    return bytes(memoryview(serialized)), bytes(memoryview(cache.serialize()))
 
 
 def _trt_runner(engine_bytes: bytes) -> Any:

@@ -1,8 +1,8 @@
 """The bench stage: torch and every built engine timed like with like, the table the latency KPI reads.
 
 bench(model_dir, out, settings, engine_dir, onnx)   batch-1 latency and throughput per backend, per device
-                                                    group (torch CUDA against TensorRT, torch CPU against
-                                                    ONNX Runtime and OpenVINO); JSON + table  -> BenchOutcome
+                                                    group (torch CUDA against TensorRT and torch-aot, torch CPU
+                                                    against ONNX Runtime and OpenVINO); JSON + table  -> BenchOutcome
 """
 
 from __future__ import annotations
@@ -48,6 +48,19 @@ def current_engines(files: dict[str, Path], onnx_sha: str | None) -> tuple[set[s
     return current, notes
 
 
+def engine_devices(files: dict[str, Path], backends: set[str]) -> dict[str, str]:
+    """The device each torch-aot engine among `backends` was built for (`cuda` or `cpu`, from its metadata)."""
+    from vitops.deploy.engine_meta import EngineMismatchError, read_meta
+
+    devices = {}
+    for name in sorted(b for b in backends if b.startswith("torch-aot")):
+        try:
+            devices[name] = str(read_meta(files[name]).extra.get("device_type", "cuda"))
+        except EngineMismatchError:
+            continue
+    return devices
+
+
 def bench(
     model_dir: Path,
     out: Path,
@@ -75,11 +88,11 @@ def bench(
         bench_backends,
         bench_report,
         cpu_runner,
+        engine_runner,
         format_table,
         kpi_metrics,
         plan_bench,
         torch_runner,
-        trt_runner,
         write_report,
     )
     from vitops.deploy.onnxrt import cpu_name, engine_threads, physical_cores
@@ -95,7 +108,7 @@ def bench(
     onnx_sha = sha256_file(onnx) if onnx.is_file() else None
     built, stale = current_engines(files, onnx_sha)
     cuda = torch.cuda.is_available()
-    groups = plan_bench(device, cuda, built)
+    groups = plan_bench(device, cuda, built, engine_devices(files, built))
     rng = np.random.default_rng(0)
     shape = (3, meta.img_size, meta.img_size)
     image = rng.standard_normal((1, *shape), dtype=np.float32)
@@ -120,7 +133,7 @@ def bench(
             factories["torch-cuda"] = lambda: torch_runner(model, "cuda")
             factories["torch-cuda-compile"] = lambda: torch_runner(model, "cuda", compile=True)
             for name in group.backends[2:]:
-                factories[name] = lambda path=files[name]: trt_runner(path)
+                factories[name] = lambda name=name: engine_runner(name, files[name])
         group_results = bench_backends(factories, image, batch, b.warmup, iters, device=group.device, threads=threads)
         for result in group_results:
             result.gflops = achieved_gflops(flops, 1, result.p50_ms / 1e3)

@@ -171,13 +171,13 @@ class ExportParams(_Section):
 
 
 class EngineParams(_Section):
-    """Engine builds per target: TensorRT on NVIDIA GPUs, ONNX Runtime and OpenVINO on CPUs."""
+    """Engine builds per target: TensorRT and torch-aot on NVIDIA GPUs, ONNX Runtime and OpenVINO on CPUs."""
 
     out_dir: Path = Path("artifacts/engines")
-    target: Literal["auto", "onnxruntime", "openvino", "tensorrt"] = Field(
+    target: Literal["auto", "onnxruntime", "openvino", "tensorrt", "torch-aot"] = Field(
         "auto",
-        description="auto = TensorRT when CUDA and tensorrt are present, else every CPU engine this machine runs, "
-        "serving the fastest that agrees enough",
+        description="auto = with CUDA: TensorRT (when installed) and torch-aot, else every CPU engine this machine "
+        "runs; serving the fastest that agrees enough",
     )
     ort_threads: int = Field(
         0, ge=0, description="intra-op threads; 0 = tuned at build: the fastest of 1, 2, 4 ... physical cores"
@@ -206,6 +206,12 @@ class EngineParams(_Section):
     trt_max_batch: int = Field(64, ge=1)
     trt_workspace_gib: float = Field(4.0, gt=0.0)
     trt_timing_cache: Path = Path("~/.cache/vitops/trt-timing.cache")
+    aot_precision: Literal["auto", "fp16", "bf16", "fp32"] = Field("auto", description="auto: fp16 on CUDA, else fp32")
+    aot_device: Literal["auto", "cuda", "cpu"] = Field("auto", description="torch-aot: auto = CUDA where there is one")
+    aot_max_batch: int = Field(256, ge=2, description="torch-aot: the largest batch of its dynamic batch (from 1)")
+    aot_fallback: Literal["compile", "on-failure", "none"] = Field(
+        "compile", description="torch-aot: when to build and gate the torch.compile route (on-failure: of the package)"
+    )
 
     @model_validator(mode="after")
     def _profile_order(self) -> EngineParams:

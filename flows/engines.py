@@ -3,7 +3,8 @@
     export(model_dir, dataset, out, export_params)         ONNX + parity gate                  -> ExportResult
     build(model_dir, dataset, export_params, engine_params) engines for the target + parity gates -> BuildResult
 
-`auto` on a machine without TensorRT builds every CPU engine this CPU runs (ONNX Runtime FP32/INT8, OpenVINO
+`auto` on a CUDA machine builds the GPU engines (TensorRT where it is installed, and torch-aot: see
+`flows/gpu_engines.py`), elsewhere every CPU engine this CPU runs (ONNX Runtime FP32/INT8, OpenVINO
 FP32/BF16/INT8): one that fails its gate or cannot run here is left out and named, the others are timed at
 batch 1 and the fastest that agrees enough is chosen (`selection.json`). An explicit target builds its own
 engines and stops at the first gate that says no (`deploy.parity.ParityError`).
@@ -38,7 +39,7 @@ class ExportResult:
 
 @dataclass
 class BuildResult:
-    target: str  # tensorrt | onnxruntime | openvino | cpu (auto without TensorRT: every CPU engine)
+    target: str  # tensorrt | torch-aot | onnxruntime | openvino | gpu (auto with CUDA) | cpu (auto without)
     engines: list[Path]
     parity: dict[str, dict[str, Any]]
     onnx: ExportResult
@@ -122,15 +123,17 @@ def build(
     quantization: str | None = None,
 ) -> BuildResult:
     """Export when the ONNX file is missing or stale, then build the target's engines, each behind its parity
-    gate on validation images of `dataset`; `auto` without CUDA says so (`notice`) and chooses the fastest
+    gate on validation images of `dataset`; `auto` says what it skipped (`notice`) and chooses the fastest
     engine that agrees enough (`selection`)."""
+    import torch
+
     from vitops.deploy.engine_meta import read_meta
     from vitops.deploy.tensorrt import choose_target, tensorrt_status
 
     x, e = export_params, engine_params
     requested = target or e.target
     available, reason = tensorrt_status() if requested in ("auto", "tensorrt") else (False, "")
-    chosen, notice = choose_target(requested, available, reason)
+    chosen, notice = choose_target(requested, available, reason, cuda=torch.cuda.is_available())
     _check_precision(chosen, precision)
     onnx_path = Path(x.out)
     if onnx_is_current(onnx_path, model_dir, x.opset):
@@ -139,18 +142,18 @@ def build(
     else:
         onnx = export(model_dir, dataset, onnx_path, x, e.ort_threads)
     gate = _GateInputs(model_dir, dataset, x, e)
-    if chosen == "tensorrt":
-        built = [_build_tensorrt(gate, onnx_path, precision or e.trt_precision)]
-        return BuildResult(
-            target=chosen,
-            engines=[p for p, _ in built],
-            parity={str(p): r for p, r in built},
-            onnx=onnx,
-            notice=notice,
-            engine_dir=Path(e.out_dir),
-        )
-    built, skipped, image = _build_cpu(gate, onnx_path, chosen, precision, quantization or None)
-    selection = _select(e, onnx_path, built, skipped, image)
+    if chosen in ("tensorrt", "torch-aot", "gpu"):
+        from vitops.deploy.parity import torch_logits
+        from vitops.flows.gpu_engines import GateImages, build_gpu
+
+        model, parity, calibration = _read_gate_inputs(gate)
+        inputs = GateImages(model, parity, calibration, torch_logits(model, parity))
+        built, skipped = build_gpu(chosen, inputs, onnx_path, x, e, precision, available)
+        image = parity[:1]
+    else:
+        built, skipped, image = _build_cpu(gate, onnx_path, chosen, precision, quantization or None)
+    # an explicit TensorRT build serves its one engine as before; every other build times what it kept
+    selection = None if chosen == "tensorrt" else _select(e, onnx_path, built, skipped, image)
     return BuildResult(
         target=chosen,
         engines=[p for _, p, _ in built],
@@ -174,11 +177,20 @@ class _GateInputs:
 
 
 def _check_precision(target: str, precision: str | None) -> None:
-    """`--precision` names a precision of the target's engines (fp16 is TensorRT's, bf16 OpenVINO's)."""
-    allowed = {"tensorrt": ("fp16", "int8", "fp32"), "openvino": ("fp32", "bf16", "int8")}.get(target)
+    """`--precision` names a precision of the target's engines (fp16 is TensorRT's and torch-aot's, bf16 OpenVINO's
+    and torch-aot's)."""
+    allowed = {
+        "tensorrt": ("fp16", "int8", "fp32"),
+        "openvino": ("fp32", "bf16", "int8"),
+        "torch-aot": ("fp16", "bf16", "fp32"),
+        "gpu": ("fp16", "bf16", "int8", "fp32"),
+    }.get(target)
     if precision is None or target in ("onnxruntime", "cpu"):
         if precision == "fp16":
-            raise ValueError("--precision fp16 is TensorRT's; CPU engines are fp32, bf16 (OpenVINO) or int8")
+            raise ValueError(
+                "--precision fp16 is a GPU engine's (TensorRT, torch-aot); CPU engines are fp32, bf16 (OpenVINO) "
+                "or int8"
+            )
         return
     if allowed and precision not in allowed:
         raise ValueError(f"--precision {precision} is not a {target} precision: use {', '.join(allowed)}")
@@ -318,19 +330,21 @@ def _ov_jobs(
 def _select(
     e: EngineParams, onnx_path: Path, built: list[tuple[str, Path, dict]], skipped: dict[str, str], image: Any
 ) -> dict[str, Any]:
-    """Time the engines just built at batch 1 (interleaved rounds, each at its tuned threads), choose the one
-    to serve with, and write `selection.json` beside them."""
+    """Time the engines just built at batch 1 (interleaved rounds, CPU engines at their tuned threads, GPU engines
+    from host memory to a finished result on the device), choose the one to serve with, and write `selection.json`
+    beside them."""
     from dataclasses import asdict
 
     import numpy as np
 
     from vitops.common.files import sha256_file
-    from vitops.deploy.latency import cpu_runner
+    from vitops.deploy.latency import engine_runner
     from vitops.deploy.onnxrt import engine_threads
     from vitops.deploy.selection import Candidate, choose_engine, time_candidates, write_selection
 
     image = np.ascontiguousarray(image[:1], np.float32)
-    p50 = time_candidates({backend: cpu_runner(backend, path) for backend, path, _ in built}, image, e.select_iters)
+    runners = {backend: engine_runner(backend, path) for backend, path, _ in built}
+    p50 = time_candidates(runners, image, e.select_iters)
     candidates = [
         Candidate(
             backend=backend,
@@ -357,47 +371,3 @@ def _read_gate_inputs(gate: _GateInputs) -> tuple[Any, Any, Any]:
     images = validation_images(gate.dataset, meta, max(x.parity_images, e.calibration_images))
     images = images.numpy()
     return model, images[: x.parity_images], images[: e.calibration_images]
-
-
-def _build_tensorrt(gate: _GateInputs, onnx_path: Path, precision: str) -> tuple[Path, dict]:
-    import torch
-
-    from vitops.deploy.engine_meta import meta_path
-    from vitops.deploy.onnxrt import QuantSettings, quantize_onnx
-    from vitops.deploy.parity import compare_logits, require_parity, torch_logits
-    from vitops.deploy.tensorrt import build_trt_engine, load_trt_engine, make_plan, runtime_meta
-
-    e = gate.e
-    runtime = runtime_meta()
-    model, parity, calibration = _read_gate_inputs(gate)
-    source = onnx_path
-    if precision == "int8":
-        # Explicit quantization: symmetric INT8 Q/DQ calibrated on validation images, built by TensorRT.
-        source = Path(e.out_dir) / "tensorrt" / "model_qdq.onnx"
-        quant = QuantSettings(mode="static", activation_symmetric=True, calibrate_method=e.quant_calibration)
-        quantize_onnx(onnx_path, source, quant, calibration)
-    plan = make_plan(
-        source,
-        precision,
-        {"min": e.trt_min_batch, "opt": e.trt_opt_batch, "max": e.trt_max_batch},
-        runtime.compute_capability,
-        e.trt_workspace_gib,
-    )
-    out = Path(e.out_dir) / "tensorrt" / f"{plan.precision}.engine"
-    staged = out.with_name(f".{out.name}.candidate")
-    try:
-        build_trt_engine(source, staged, plan, e.trt_timing_cache, runtime)
-        run = load_trt_engine(staged, runtime)
-        step = e.trt_max_batch
-        chunks = [run(torch.from_numpy(parity[i : i + step])).float().cpu() for i in range(0, len(parity), step)]
-        floor = e.min_int8_top1_agreement if plan.precision == "int8" else gate.x.min_top1_agreement
-        report = require_parity(
-            compare_logits(torch_logits(model, parity), torch.cat(chunks).numpy(), f"tensorrt-{plan.precision}", floor)
-        )
-        meta_path(staged).replace(meta_path(out))  # publish: both renames are atomic
-        staged.replace(out)
-    finally:
-        staged.unlink(missing_ok=True)
-        meta_path(staged).unlink(missing_ok=True)
-    log.info("wrote %s (%s, TensorRT %s)", out, runtime.device, runtime.runtime_version)
-    return out, report.as_dict()

@@ -28,7 +28,7 @@ from vitops.flows.tracking import RunContext
 log = logging.getLogger(__name__)
 
 DECISION_FILE = "decision.json"
-ENGINE_PREFIXES = ("onnxruntime", "tensorrt", "openvino")
+ENGINE_PREFIXES = ("onnxruntime", "tensorrt", "openvino", "torch-aot")
 
 
 class GateInputError(ValueError):

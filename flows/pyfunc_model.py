@@ -8,6 +8,10 @@ and serves with the first that this machine can run:
 
 - TensorRT engines are skipped, with a log line: this model has no TensorRT runner (a plan only runs on the
   GPU and TensorRT version that built it; serve those through vitops' own runners).
+- torch-aot engines run through `aot_runtime.py` (deploy/aot_runtime.py, shipped beside this file; it imports
+  torch): on a CUDA machine like the one that built them, with each uint8 image uploaded as it is and resized,
+  cropped and normalised on the GPU; a CPU-built one on this CPU. Where one cannot run (no torch, no CUDA device,
+  another GPU or torch version) it is skipped with a log line.
 - ONNX Runtime engines run on the CPU with the thread count they were tuned for.
 - OpenVINO engines (an IR in one zip) run on the CPU with their precision hint and thread count, if openvino
   is installed (imported only then) and the engine was built with this OpenVINO version on this CPU and ISA;
@@ -17,7 +21,8 @@ and serves with the first that this machine can run:
 
 The choice is in `self.engine` and the log. Preprocessing is timm's eval transform written out with PIL and
 numpy (shorter side resized to `int(img_size / crop_pct)` with the model's interpolation, centre crop, /255,
-normalised with the model's mean and std), so serving needs neither torch nor vitops.
+normalised with the model's mean and std), so serving needs neither torch nor vitops; for a CUDA engine the same
+steps run on the GPU (`aot_runtime.preprocess`, within two uint8 levels per pixel of these).
 
 Inputs. The signature is a tensor `uint8 (-1, -1, -1, 3)`, which MLflow enforces in `PyFuncModel.predict`:
 
@@ -31,8 +36,8 @@ The output is a DataFrame with `label`, `confidence` and one `prob_<class>` colu
 
 This module is shipped as code with the model (`save`) and imported as the top-level module `pyfunc_model`; it
 imports only the standard library, numpy, pandas, PIL, mlflow, onnxruntime and openvino (never vit, deploy or
-flows). With `DO_NOT_TRACK` set, openvino's telemetry module is hidden before openvino is imported, as in
-`deploy.openvino`.
+flows), and torch only inside the torch-aot runner (through `aot_runtime`, shipped with it). With `DO_NOT_TRACK`
+set, openvino's telemetry module is hidden before openvino is imported, as in `deploy.openvino`.
 """
 
 from __future__ import annotations
@@ -100,8 +105,13 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         Returns:
             One row per image: `label`, `confidence` and `prob_<class>` for every class.
         """
-        batch = np.stack([self.preprocess(img) for img in _to_images(model_input)])
-        logits = np.concatenate([self._run(batch[i : i + _BATCH]) for i in range(0, len(batch), _BATCH)])
+        images = _to_images(model_input)
+        if hasattr(self._run, "classify_images"):  # a CUDA engine: uint8 images preprocessed on its device
+            chunks = [images[i : i + _BATCH] for i in range(0, len(images), _BATCH)]
+            logits = np.concatenate([self._run.classify_images([np.asarray(img) for img in c]) for c in chunks])
+        else:
+            batch = np.stack([self.preprocess(img) for img in images])
+            logits = np.concatenate([self._run(batch[i : i + _BATCH]) for i in range(0, len(batch), _BATCH)])
         probs = _softmax(np.asarray(logits, dtype=np.float64)).astype(np.float32)
         classes = list(self.meta["classes"])
         best = probs.argmax(axis=1)
@@ -154,7 +164,7 @@ def save(path: Path, artifacts: dict[str, str], classes: list[str], img_size: in
         path=str(path),
         python_model=ImageClassifier(),
         artifacts=artifacts,
-        code_paths=[__file__],
+        code_paths=[__file__, str(_aot_runtime_file())],
         signature=signature,
         input_example=np.zeros((1, img_size, img_size, 3), dtype=np.uint8),
         pip_requirements=[f"{package}=={version(package)}" for package in REQUIREMENTS],  # no inference run
@@ -175,7 +185,11 @@ def pick_engine(
         model_dir: the model folder, run in PyTorch when ONNX Runtime is missing too.
     """
     ranked = sorted(entries, key=lambda e: (not e.get("chosen"), e.get("p50_ms") is None, e.get("p50_ms") or 0.0))
-    runners = {"onnxruntime": _ort_runner, "openvino": _ov_runner}
+    runners = {
+        "onnxruntime": _ort_runner,
+        "openvino": _ov_runner,
+        "torch-aot": lambda path, threads, entry: _aot_runner(path, entry, model_dir),
+    }
     for entry in ranked:
         if entry.get("target") == "tensorrt":
             log.info("vitops pyfunc: skipping TensorRT engine %s: this model has no TensorRT runner", entry["file"])
@@ -186,6 +200,8 @@ def pick_engine(
         try:
             run = runners[entry["target"]](engines_dir / entry["file"], int(entry.get("threads") or 0), entry)
             return dict(entry), run
+        except _CannotRunHere as err:
+            log.info("vitops pyfunc: skipping %s engine %s: %s", entry["target"], entry["file"], err)
         except Exception as err:  # ImportError, or an engine this runtime or machine cannot load
             log.warning("vitops pyfunc: cannot open engine %s (%s); trying the next one", entry["file"], err)
     if onnx_path:
@@ -220,6 +236,42 @@ def _ort_runner(path: Path, threads: int, entry: dict[str, Any]) -> Runner:
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: x})[0]
+
+
+class _CannotRunHere(RuntimeError):
+    """An engine for other hardware (a torch-aot engine for CUDA on a machine without it): skipped, not an error."""
+
+
+def _aot_runtime_file() -> Path:
+    # Shipped beside this file in the model's code/; in a source checkout it is deploy/aot_runtime.py.
+    here = Path(__file__).resolve()
+    shipped = here.with_name("aot_runtime.py")
+    return shipped if shipped.is_file() else here.parents[1] / "deploy" / "aot_runtime.py"
+
+
+def _aot_runner(path: Path, entry: dict[str, Any], model_dir: Path) -> Runner:
+    """A torch-aot engine, checked against this machine and opened by `aot_runtime` (imported from its file as the
+    top-level module `aot_runtime`); a CUDA engine's runner also takes uint8 images (`classify_images`)."""
+    import importlib.util
+
+    runtime, file = sys.modules.get("aot_runtime"), _aot_runtime_file()
+    if runtime is None or Path(runtime.__file__ or "").resolve() != file:
+        spec = importlib.util.spec_from_file_location("aot_runtime", file)
+        assert spec is not None and spec.loader is not None
+        runtime = importlib.util.module_from_spec(spec)
+        sys.modules["aot_runtime"] = runtime
+        spec.loader.exec_module(runtime)
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    try:
+        engine = runtime.open_engine(path, entry.get("meta") or {})
+    except runtime.AotUnavailable as err:
+        raise _CannotRunHere(str(err)) from err
+    meta = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
+    runner = runtime.HostRunner(engine, meta)
+    if engine.device == "cuda" and meta.get("interpolation", "bicubic") in ("nearest", "bilinear", "bicubic"):
+        return runner
+    return runner.__call__  # preprocessed on the CPU, as for the other engines
 
 
 def _ov_runner(path: Path, threads: int, entry: dict[str, Any]) -> Runner:

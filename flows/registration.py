@@ -83,11 +83,12 @@ def register(
         if path is None or not path.is_file():
             continue
         engines.append(path)
+        engine_meta = read_engine_meta(path)
         serving["engines"].append(
             {
                 "file": str(path.relative_to(root)),
-                "target": r["backend"].split("-")[0],
-                "precision": read_engine_meta(path).precision,
+                "target": engine_meta.target,  # torch-aot-fp16 is a torch-aot engine
+                "precision": engine_meta.precision,
                 "p50_ms": r["p50_ms"],
                 "threads": r.get("threads", 0),
                 "device": r.get("device", "cpu"),

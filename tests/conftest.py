@@ -103,3 +103,16 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def cuda_aot_release(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """A tiny model folder and its torch-aot FP16 engine built on this machine's GPU, once per session (the gpu tests
+    of the engine and of the pyfunc model share the ~30 s build); skipped, visibly, without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from helpers.engines import aot_release
+
+    return aot_release(tmp_path_factory.mktemp("cuda-aot"), "fp16", "cuda")

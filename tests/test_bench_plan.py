@@ -1,4 +1,5 @@
-"""`vitops bench --device`: like with like, torch CUDA against TensorRT and torch CPU against ONNX Runtime."""
+"""`vitops bench --device`: like with like, torch CUDA against TensorRT and torch-aot, torch CPU against ONNX Runtime
+(and a torch-aot engine built for the CPU)."""
 
 from __future__ import annotations
 
@@ -29,3 +30,14 @@ def test_cpu_machine_has_no_cuda_side() -> None:
     assert cpu.device == "cpu" and "tensorrt-fp16" not in cpu.backends
     with pytest.raises(ValueError, match="no CUDA device here; use --device cpu"):
         plan_bench("cuda", cuda_available=False, built=ALL)
+
+
+def test_torch_aot_engines_are_timed_against_torch_on_the_device_they_were_built_for() -> None:
+    built = {"onnxruntime-fp32", "torch-aot-fp16", "torch-aot-fp32"}
+    cuda, cpu = plan_bench("auto", True, built, {"torch-aot-fp16": "cuda", "torch-aot-fp32": "cpu"})
+    assert cuda.backends == ["torch-cuda", "torch-cuda-compile", "torch-aot-fp16"]
+    assert cpu.backends == ["torch-eager", "onnxruntime-fp32", "torch-aot-fp32"]
+    (cpu,) = plan_bench("auto", False, {"torch-aot-fp32"}, {"torch-aot-fp32": "cpu"})
+    assert cpu.backends == ["torch-eager", "torch-aot-fp32"]
+    (cpu,) = plan_bench("auto", False, {"torch-aot-fp16"}, {"torch-aot-fp16": "cuda"})
+    assert cpu.backends == ["torch-eager"]  # a CUDA engine on a machine without CUDA: not timed

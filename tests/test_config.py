@@ -34,6 +34,9 @@ def test_missing_file_gives_defaults(tmp_path: Path) -> None:
         ({"train": {"epochz": 3}}, ["train.epochz", "unknown key", "epochs"]),
         ({"trian": {}}, ["trian", "unknown key", "train"]),
         ({"engine": {"trt_min_batch": 8, "trt_opt_batch": 4}}, ["engine", "trt_min_batch <= trt_opt_batch"]),
+        ({"engine": {"aot_precision": "int8"}}, ["engine.aot_precision", "'int8'", "'fp16'"]),
+        ({"engine": {"aot_max_batch": 1}}, ["engine.aot_max_batch", "greater than or equal to 2"]),
+        ({"engine": {"target": "trt"}}, ["engine.target", "'torch-aot'"]),
         ({"data": {"classes": ["cat", "cat"]}}, ["data.classes", "repeated", "cat"]),
     ],
 )

@@ -199,6 +199,40 @@ def test_explicit_tensorrt_without_cuda_is_a_clear_error(
     assert not (params_file.parent / "engines").exists()
 
 
+def test_torch_aot_takes_only_its_own_precisions(
+    model_dir: Path, params_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--params", str(params_file), "build", str(model_dir), "--target", "torch-aot", "--precision", "int8"]
+    assert main(args) == 2
+    assert "--precision int8 is not a torch-aot precision: use fp16, bf16, fp32" in capsys.readouterr().err
+    assert not (params_file.parent / "engines" / "torch-aot").exists()
+
+
+@pytest.mark.slow
+def test_torch_aot_build_is_served_benched_and_registered_like_the_others(
+    model_dir: Path, params_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On this CPU, `--target torch-aot` builds the AOTInductor package for the CPU (~30 s): gated, chosen, and timed
+    against torch on the CPU by `vitops bench` (a CUDA engine is timed against torch on CUDA)."""
+    from vitops.deploy.engine_meta import read_meta
+
+    args = ["--params", str(params_file), "build", str(model_dir), "--target", "torch-aot", "--precision", "fp32"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    engines = params_file.parent / "engines"
+    meta = read_meta(engines / "torch-aot" / "fp32.zip")
+    assert (meta.target, meta.precision, meta.extra["device_type"], meta.extra["route"]) == (
+        "torch-aot", "fp32", "cpu", "aoti",
+    )  # fmt: skip
+    assert "parity: torch-aot-fp32 (aoti): top-1 agreement 100.00%" in out
+    assert "serving with torch-aot-fp32: lowest batch-1 p50" in out
+    assert main(["--params", str(params_file), "bench", str(model_dir), "--device", "cpu", "--iters", "5"]) == 0
+    report = json.loads((params_file.parent / "bench" / "latency.json").read_text())
+    assert report["groups"][0]["backends"] == ["torch-eager", "torch-aot-fp32"]
+    assert report["target_engine"] == "torch-aot-fp32"
+    assert {r["backend"] for r in report["results"]} == {"torch-eager", "torch-aot-fp32"}
+
+
 def test_export_failing_parity_is_a_clear_error_and_writes_nothing(
     model_dir: Path, params_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

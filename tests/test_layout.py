@@ -28,6 +28,7 @@ FLOWS_LAYERS = {
     "training": 3,
     "evaluation": 3,
     "engines": 3,
+    "gpu_engines": 3,
     "benchmark": 3,
     "gate": 3,
     "registration": 3,

@@ -150,6 +150,8 @@ def test_champion_loads_in_a_fresh_process_and_predicts_like_torch(
     shipped = Path(out["pyfunc_model_file"])
     assert shipped.parent.name == "code" and repo_root not in shipped.parents
     assert shipped.read_text() == (repo_root / "flows" / "pyfunc_model.py").read_text()
+    # and its torch-aot runtime beside it (imported only to open a torch-aot engine)
+    assert (shipped.parent / "aot_runtime.py").read_text() == (repo_root / "deploy" / "aot_runtime.py").read_text()
 
 
 class _Context:

@@ -1,9 +1,10 @@
 """`vitops` commands of the engine stage group: export, build, bench.
 
     vitops export [MODEL_DIR]      ONNX export + parity gate against PyTorch on the validation split
-    vitops build  [MODEL_DIR] [--target auto|onnxruntime|openvino|tensorrt] [--precision fp32|bf16|int8|fp16]
+    vitops build  [MODEL_DIR] [--target auto|onnxruntime|openvino|tensorrt|torch-aot] [--precision fp32|bf16|int8|fp16]
                                    engines for the target (exports first when the ONNX file is missing or stale);
-                                   auto on a CPU: every CPU engine, the fastest that agrees enough is served
+                                   auto: with CUDA TensorRT (if installed) and torch-aot, on a CPU every CPU engine;
+                                   the fastest that agrees enough is served
     vitops bench  [MODEL_DIR]      latency table + JSON (params.bench.out), logged to MLflow with --track
 
 MODEL_DIR is a model folder (`model.json` + `weights.safetensors`), by default the one `vitops train`
@@ -27,6 +28,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from vitops.deploy.openvino import OpenVINOUnavailable
     from vitops.deploy.parity import ParityError
     from vitops.deploy.tensorrt import TensorRTBuildError, TensorRTUnavailable
+    from vitops.deploy.torch_aot import AotUnavailable
     from vitops.flows.engines import EngineInputError
     from vitops.vit.bundle import BundleError
 
@@ -37,6 +39,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         EngineMismatchError,
         TensorRTUnavailable,
         TensorRTBuildError,
+        AotUnavailable,
         OpenVINOUnavailable,
         EngineInputError,
         ValueError,  # e.g. bench --device cuda on a machine without CUDA (deploy.latency.plan_bench)
@@ -52,18 +55,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser(
-        "build", help="build inference engines: TensorRT on NVIDIA GPUs, ONNX Runtime and OpenVINO on CPUs"
+        "build",
+        help="build inference engines: TensorRT and torch-aot on NVIDIA GPUs, ONNX Runtime and OpenVINO on CPUs",
     )
     p.add_argument("model_dir", nargs="?", help="model folder (default: train.out_dir/model)")
     p.add_argument(
         "--target",
-        choices=["auto", "onnxruntime", "openvino", "tensorrt"],
-        help="default: engine.target (auto: TensorRT with CUDA, else every CPU engine, the fastest served)",
+        choices=["auto", "onnxruntime", "openvino", "tensorrt", "torch-aot"],
+        help="default: engine.target (auto: with CUDA TensorRT and torch-aot, else every CPU engine; fastest served)",
     )
     p.add_argument(
         "--precision",
         choices=["fp32", "bf16", "int8", "fp16"],
-        help="OpenVINO: fp32|bf16|int8 (engine.ov_precision); TensorRT: fp16|int8|fp32 (engine.trt_precision)",
+        help="OpenVINO: fp32|bf16|int8 (engine.ov_precision); TensorRT: fp16|int8|fp32 (engine.trt_precision); "
+        "torch-aot: fp16|bf16|fp32 (engine.aot_precision)",
     )
     p.add_argument(
         "--quantization", choices=["none", "static", "dynamic"], help="ONNX Runtime INT8 (engine.ort_quantization)"
@@ -79,7 +84,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=["auto", "cpu", "cuda"],
         default="auto",
         help=(
-            "auto: both sides where CUDA is available (torch CUDA vs TensorRT, torch CPU vs ONNX Runtime); default auto"
+            "auto: both sides where CUDA is available (torch CUDA vs TensorRT and torch-aot, torch CPU vs ONNX Runtime "
+            "and OpenVINO); default auto"
         ),
     )
     p.add_argument("--track", action="store_true", help="log to a new MLflow run (an open run is always used)")
