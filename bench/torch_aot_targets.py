@@ -128,14 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for batch in (1, args.batch):
         on_gpu = torch.randn((batch, 3, size, size), device=dev)
-        frames = list(rng.integers(0, 256, (batch, 256, 256, 3), dtype=np.uint8))
+        frames = rng.integers(0, 256, (batch, 256, 256, 3), dtype=np.uint8)  # one N, H, W, 3 array, as a camera batch
         runs = {
             "torch eager fp16, gpu data": (eager, on_gpu),
             f"torch-aot {plan.precision} ({engine.route}), gpu data": (aot, on_gpu),
             f"torch-aot {plan.precision} serving, uint8 256x256 host -> probs host": (serve, frames),
         }
         if batch == 1:
-            vga = [rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)]
+            vga = rng.integers(0, 256, (1, 480, 640, 3), dtype=np.uint8)
             runs[f"torch-aot {plan.precision} serving, uint8 480x640 host -> probs host"] = (serve, vga)
         iters = args.iters if batch == 1 else max(8, args.iters // 20)
         for name, t in timed(runs, iters).items():

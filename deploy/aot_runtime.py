@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -275,7 +276,7 @@ def resized(h: int, w: int, short: int) -> tuple[int, int]:
 
 
 def preprocess(
-    images: Sequence[np.ndarray],
+    images: Sequence[np.ndarray] | np.ndarray,
     img_size: int,
     crop_pct: float | None,
     interpolation: str,
@@ -283,10 +284,11 @@ def preprocess(
     std: Sequence[float],
     device: str,
 ) -> Any:
-    """timm's eval transform on `device`: the uint8 `H, W, 3` images are uploaded as they are (those of one size
-    together), resized (shorter side, antialiased, rounded to uint8 levels as PIL does), centre-cropped
-    (zero-padded when smaller), scaled to [0, 1] and normalised; returns a float32 `N, 3, img_size, img_size`
-    tensor there. Equal to `flows/pyfunc_model.py`'s PIL preprocessing within two uint8 levels per pixel.
+    """timm's eval transform on `device`: the uint8 `H, W, 3` images (or one `N, H, W, 3` array) are uploaded as they
+    are (those of one size together), resized (shorter side, antialiased, rounded to uint8 levels as PIL does),
+    centre-cropped (zero-padded when smaller), scaled to [0, 1] and normalised; returns a float32
+    `N, 3, img_size, img_size` tensor there. Equal to `flows/pyfunc_model.py`'s PIL preprocessing within two uint8
+    levels per pixel.
 
     Raises:
         ValueError: an interpolation torch has no PIL-equivalent for (box, hamming, lanczos): preprocess on the CPU.
@@ -298,21 +300,28 @@ def preprocess(
     mode = _MODES[interpolation]
     short, size = eval_sizes(img_size, crop_pct)
     out = torch.empty((len(images), 3, size, size), device=device, dtype=torch.float32)
+    batch = images if isinstance(images, np.ndarray) and images.ndim == 4 else None  # one array: one upload, no copy
     groups: dict[tuple[int, ...], list[int]] = {}
-    for i, image in enumerate(images):
+    for i, image in enumerate(images if batch is None else []):
         groups.setdefault(tuple(np.shape(image)), []).append(i)
+    if batch is not None:
+        groups[tuple(batch.shape[1:])] = list(range(len(batch)))
     for shape, index in groups.items():
         if len(shape) != 3 or shape[2] != 3:
             raise ValueError(f"expected uint8 RGB images H,W,3; got shape {shape}")
-        stacked = (
-            np.stack([np.asarray(images[i], np.uint8) for i in index]) if len(index) > 1 else images[index[0]][None]
-        )
-        x = torch.from_numpy(np.ascontiguousarray(stacked, np.uint8)).to(device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2).float()
+        if batch is not None:
+            stacked = batch
+        else:
+            stacked = np.stack([np.asarray(images[i]) for i in index]) if len(index) > 1 else images[index[0]][None]
+        with warnings.catch_warnings():  # PIL's arrays are read-only; the tensor is only read, never written
+            warnings.simplefilter("ignore", UserWarning)
+            x = torch.from_numpy(np.ascontiguousarray(stacked, np.uint8))
+        x = x.to(device, non_blocking=True).permute(0, 3, 1, 2)
         target = resized(shape[0], shape[1], short)
         if target != shape[:2]:
-            x = _resize(x, target, mode)
-        x = _center_crop(x, size)
+            x = _center_crop(_resize(x.float(), target, mode), size)
+        else:
+            x = _center_crop(x, size).float()  # cropped as uint8: a quarter of the bytes to convert
         if len(index) == len(images):
             out.copy_(x)
         else:
@@ -375,7 +384,7 @@ class HostRunner:
 
         return self.engine(torch.from_numpy(np.ascontiguousarray(batch, np.float32))).float().cpu().numpy()
 
-    def classify_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
+    def classify_images(self, images: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
         m = self.meta
         x = preprocess(
             images, int(m["img_size"]), m.get("crop_pct"), m.get("interpolation", "bicubic"), m["mean"], m["std"],

@@ -105,12 +105,16 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         Returns:
             One row per image: `label`, `confidence` and `prob_<class>` for every class.
         """
-        images = _to_images(model_input)
         if hasattr(self._run, "classify_images"):  # a CUDA engine: uint8 images preprocessed on its device
+            uint8_batch = isinstance(model_input, np.ndarray) and model_input.dtype == np.uint8
+            if uint8_batch and model_input.ndim == 4 and model_input.shape[-1] == 3:
+                images = model_input  # uploaded as it is, a chunk at a time
+            else:
+                images = [np.asarray(img) for img in _to_images(model_input)]
             chunks = [images[i : i + _BATCH] for i in range(0, len(images), _BATCH)]
-            logits = np.concatenate([self._run.classify_images([np.asarray(img) for img in c]) for c in chunks])
+            logits = np.concatenate([self._run.classify_images(chunk) for chunk in chunks])
         else:
-            batch = np.stack([self.preprocess(img) for img in images])
+            batch = np.stack([self.preprocess(img) for img in _to_images(model_input)])
             logits = np.concatenate([self._run(batch[i : i + _BATCH]) for i in range(0, len(batch), _BATCH)])
         probs = _softmax(np.asarray(logits, dtype=np.float64)).astype(np.float32)
         classes = list(self.meta["classes"])

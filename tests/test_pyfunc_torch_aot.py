@@ -100,6 +100,9 @@ def test_preprocessing_on_the_device_equals_the_served_pil_preprocessing(
         got = aot_runtime.preprocess(batch, 32, crop_pct, interpolation, m["mean"], m["std"], device).cpu().numpy()
         levels = np.abs(got - expected) * np.asarray(m["std"], np.float32)[:, None, None] * 255
         assert levels.max() <= 2.01 and levels.mean() < 0.1, (device, levels.max(), levels.mean())
+        same_size = np.stack(batch[:2])  # one N, H, W, 3 array: uploaded as it is
+        as_array = aot_runtime.preprocess(same_size, 32, crop_pct, interpolation, m["mean"], m["std"], device)
+        np.testing.assert_array_equal(as_array.cpu().numpy(), got[:2])
 
 
 def test_a_cuda_engine_is_skipped_with_a_log_line_where_it_cannot_run(
@@ -154,5 +157,7 @@ def test_the_pyfunc_serves_a_cuda_engine_with_its_preprocessing_on_the_gpu(
     expected = torch_probs(model_dir, batch)
     np.testing.assert_allclose(probs(frame), expected, atol=2e-2)
     assert list(frame["label"]) == [CLASSES[i] for i in expected.argmax(1)]
+    same_size = np.stack(batch[:2])  # an N, H, W, 3 uint8 batch goes to the GPU without PIL
+    np.testing.assert_allclose(probs(served.predict(None, same_size)), expected[:2], atol=2e-2)
     x = np.stack([served.preprocess(Image.fromarray(p)) for p in batch])  # the pilot's engine-only timing path
     np.testing.assert_array_equal(served.logits(x).argmax(1), expected.argmax(1))
