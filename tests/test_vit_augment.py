@@ -124,10 +124,43 @@ def test_same_seed_same_batch_any_device_path(digits: tuple[Path, pd.DataFrame],
     assert first[0][0].shape == (8, 3, 32, 32) and first[0][0].dtype == torch.float32
     assert all(torch.equal(a[0], b[0]) for a, b in zip(first, epoch(held, 0), strict=True))
     assert not torch.equal(first[0][0], epoch(held, 1)[0][0])
-    for workers in (0, 1):  # gathered on the host, in this process or in a worker: the same batches
-        host = DeviceLoader(train, sampler, 8, torch.device("cpu"), seed=0, workers=workers)
-        monkeypatch.setattr(host, "holds_images", lambda: False)
-        assert all(torch.equal(a[0], b[0]) for a, b in zip(first, epoch(host, 0), strict=True))
+    host = DeviceLoader(train, sampler, 8, torch.device("cpu"), seed=0)  # gathered on the host: the same batches
+    monkeypatch.setattr(host, "holds_images", lambda: False)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, epoch(host, 0), strict=True))
+
+
+_WORKER_GATHER = """
+import sys
+from pathlib import Path
+import pandas as pd
+import torch
+from vitops.vit.bundle import ModelMeta
+from vitops.vit.data import AugmentParams, ShardSampler, create_dataset
+from vitops.vit.loader import DeviceLoader
+meta = ModelMeta("vit_tiny_patch16_224", [str(d) for d in range(10)], 32, crop_pct=1.0)
+train = create_dataset(Path(sys.argv[1]), pd.read_csv(sys.argv[2]), meta, "train", AugmentParams(hflip=0.5))
+batches = []
+for workers, held in ((0, True), (1, False)):
+    loader = DeviceLoader(train, ShardSampler(len(train), shuffle=True), 8, torch.device("cpu"), workers=workers)
+    loader.holds_images = lambda held=held: held
+    loader.set_epoch(2)
+    batches.append(list(loader))
+assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(*batches, strict=True))
+"""
+
+
+def test_a_loader_worker_gathers_the_same_batches(digits: tuple[Path, pd.DataFrame], tmp_path: Path) -> None:
+    # In a child process: torch installs a SIGCHLD handler in a process that starts loader workers and never
+    # removes it; in the test process, with the suite's other libraries loaded, a later child's exit then
+    # crashed pytest with SIGSEGV.
+    import subprocess
+    import sys
+
+    root, rows = digits
+    rows.to_csv(tmp_path / "rows.csv", index=False)
+    subprocess.run(
+        [sys.executable, "-c", _WORKER_GATHER, str(root), str(tmp_path / "rows.csv")], check=True, timeout=120
+    )
 
 
 def test_rand_augment_stays_in_the_loader(digits: tuple[Path, pd.DataFrame]) -> None:
