@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -77,6 +78,8 @@ def first_version(cfg: FollowerConfig) -> dict[str, str]:
 
 def follow(cfg: FollowerConfig) -> None:
     """The follower process's body: poll, move, repeat, until the endpoint ends it."""
+    # Ctrl-C in a terminal reaches the whole process group: the main process stops this one, in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking_uri
     configure_logging(cfg.verbose)
     from vitops.flows import registry

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -90,6 +91,8 @@ class ClassifierAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         """Load and check the served version, then start watching for the next one."""
+        # Ctrl-C in a terminal reaches the whole process group: LitServe's main process stops the workers.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         configure_logging(self.verbose)
         if str(device).startswith("cuda:"):  # engines see only this worker's GPU (LitServe counts the visible ones)
             index = int(str(device).split(":", 1)[1])
