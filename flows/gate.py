@@ -21,7 +21,7 @@ from typing import Any
 from vitops.common.files import atomic_write_json, sha256_file
 from vitops.flows import registry, tracking
 from vitops.flows.config import BenchParams, GateParams, Params
-from vitops.flows.evaluation import PREDICTIONS_FILE, PROVENANCE_FILE, predict_split
+from vitops.flows.evaluation import PREDICTIONS_FILE, PROVENANCE_FILE, EvalSettings, predict_split
 from vitops.flows.settings import Dataset, dataset_of, prices_of
 from vitops.flows.tracking import RunContext
 
@@ -75,8 +75,7 @@ class GateSettings:
     prices: Any  # deploy.kpi.Prices
     timing: BenchParams
     model: str
-    batch_size: int = 64  # the champion's re-evaluation
-    workers: int = 0
+    scoring: EvalSettings = EvalSettings()  # the champion's re-evaluation reads the test split like `evaluate`
 
     @classmethod
     def from_params(cls, params: Params) -> GateSettings:
@@ -86,8 +85,7 @@ class GateSettings:
             prices_of(params),
             params.bench,
             params.tracking.registered_model,
-            params.train.batch_size,
-            params.train.workers,
+            EvalSettings.from_params(params),
         )
 
 
@@ -197,7 +195,7 @@ def _champion_reference(inputs: GateInputs, settings: GateSettings, champion: An
     model, meta = load_bundle(model_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     probs, labels, paths = predict_split(
-        model.to(device), meta, inputs.dataset, "test", device, s.batch_size, s.workers
+        model.to(device), meta, inputs.dataset, "test", device, s.scoring.batch_size, s.scoring.workers
     )
     import pandas as pd
 

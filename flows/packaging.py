@@ -7,7 +7,6 @@ Every input is checked before the first write, so a refused registration leaves 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -17,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from vitops.common.files import sha256_file
 from vitops.flows.registry import RegistryError, check_name, create_model, lookup, mlflow_client, server_errors
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def _serving_entries(engines: list[Path], serving: dict[str, Any]) -> list[tuple
             if entry.setdefault(key, meta[key]) != meta[key]:
                 raise RegistryError(f"{engine}: serving says {key} {entry[key]!r}, its metadata {meta[key]!r}")
         entry.setdefault("threads", (meta.get("extra") or {}).get("threads") or 0)
-        pairs.append((engine, entry | {"sha256": _sha256(engine), "meta": meta}))
+        pairs.append((engine, entry | {"sha256": sha256_file(engine), "meta": meta}))
     unmatched = [e["file"] for e in given if not any(e["file"] == entry["file"] for _, entry in pairs)]
     if unmatched:
         raise RegistryError(f"serving entries {unmatched} match none of the engines {[str(e) for e in engines]}")
@@ -141,8 +141,8 @@ def _save_pyfunc(
         shutil.copy2(f"{engine}.json", f"{dst}.json")
     doc = serving | {
         "engines": [entry for _, entry in entries],
-        "onnx": {"file": "model.onnx", "sha256": _sha256(onnx_path)},
-        "weights_sha256": _sha256(model_dir / "weights.safetensors"),
+        "onnx": {"file": "model.onnx", "sha256": sha256_file(onnx_path)},
+        "weights_sha256": sha256_file(model_dir / "weights.safetensors"),
     }
     (stage / "serving.json").write_text(json.dumps(doc, indent=2, sort_keys=True), encoding="utf-8")
     artifacts = {"model": stage / "model", "onnx": stage / "model.onnx", "serving": stage / "serving.json"}
@@ -180,11 +180,3 @@ def _free_artifact_path(client: Any, run_id: str) -> str:
         n += 1
         path = f"{PYFUNC_PATH}-{n}"
     return path
-
-
-def _sha256(path: Path | str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()

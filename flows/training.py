@@ -10,7 +10,6 @@ Under torchrun every rank calls `train`; only rank 0 writes and logs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import tempfile
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vitops.common.files import atomic_write_json
+from vitops.common.files import atomic_write_json, sha256_file
 from vitops.flows import tracking
 from vitops.flows.settings import Dataset, Recipe
 from vitops.flows.tracking import RunContext
@@ -72,9 +71,7 @@ def load_teacher_model(source: str | None, classes: list[str], meta: Any, work: 
         )
     folder = Path(resolved.removeprefix("file:"))
     teacher = load_teacher(folder, classes, meta, source)
-    with open(folder / WEIGHTS_FILE, "rb") as fh:
-        sha = hashlib.file_digest(fh, "sha256").hexdigest()
-    return teacher, sha
+    return teacher, sha256_file(folder / WEIGHTS_FILE)
 
 
 def train(
