@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from vitops.flows.serving_config import DriftParams, EndpointParams, PilotParams, PredictionLogParams, Section
+
 DEFAULT_PARAMS = Path("params.yaml")
 
 
@@ -20,8 +22,7 @@ class ParamsError(ValueError):
     """A parameter file that cannot be used; the message names the file, key, value and what is allowed."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+_Section = Section
 
 
 class SplitParams(_Section):
@@ -293,44 +294,6 @@ class RetrainParams(_Section):
     )
 
 
-class PilotParams(_Section):
-    """The staged pilot (flows/pilot.py): the batch, the canary's split and guardrails, the approval wait."""
-
-    batch: Path = Field(Path("build/line-batch"), description="folder of new images: unlabelled or in class folders")
-    out_dir: Path = Path("artifacts/pilot")
-    canary_fraction: float = Field(0.3, gt=0.0, le=1.0, description="share of the batch routed to the candidate")
-    max_accuracy_drop_points: float = Field(
-        2.0, ge=0.0, description="candidate top-1 on its labelled canary images may trail the champion's by this"
-    )
-    max_p95_ms: float | None = Field(50.0, gt=0.0, description="candidate batch-1 p95 on its engine; None = off")
-    min_labelled: int = Field(20, ge=1, description="labelled canary images the candidate needs for a verdict")
-    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="level of the accuracy intervals")
-    max_rejected_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of batch files the gate may reject")
-    grid_images: int = Field(16, ge=0, description="disagreements shown in the report's picture grid")
-    approval_timeout_s: int = Field(86_400, ge=1, description="how long `promote` waits for an approval")
-    approval_poll_s: int = Field(10, ge=1, description="how often the paused run checks for the approval")
-
-
-class EndpointParams(_Section):
-    """The line-side endpoint (`vitops endpoint NAME`); the `*_env` keys name environment variables, never values."""
-
-    accelerator: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: GPUs if nvidia-smi lists any")
-    workers: int = Field(1, ge=1, description="inference processes per device, each holding the served version")
-    api_servers: int = Field(0, ge=0, description="HTTP processes that decode and check images; 0 = one per worker")
-    max_batch_size: int = Field(8, ge=1, description="requests a worker runs as one dynamic batch")
-    batch_timeout: float = Field(0.005, ge=0.0, le=1.0, description="seconds a worker waits to fill a batch")
-    timeout_s: float = Field(30.0, ge=2.0, description="a request not answered by then gets 504")
-    max_pixels: int = Field(16_000_000, ge=1, description="largest width x height of one image (decompression bombs)")
-    max_body_mb: float = Field(16.0, gt=0.0, description="largest request body, in MiB")
-    max_batch_images: int = Field(64, ge=1, description="most images one request may carry")
-    poll_s: float = Field(10.0, gt=0.0, description="how often the alias is read from the registry")
-    swap_timeout_s: float = Field(600.0, gt=0.0, description="longest a new version may take to load and warm up")
-    warmup_iters: int = Field(3, ge=1, description="warm-up runs of a new version at batch 1 and at full batch")
-    cache_dir: Path = Field(Path("~/.cache/vitops/endpoint"), description="verified downloads of served versions")
-    token_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="bearer token; None = no auth")
-    webhook_secret_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="None = no webhook")
-
-
 class TrackingParams(_Section):
     """MLflow; `MLFLOW_TRACKING_URI` in the environment wins over `uri`."""
 
@@ -356,6 +319,8 @@ class Params(_Section):
     retrain: RetrainParams = Field(default_factory=RetrainParams)
     pilot: PilotParams = Field(default_factory=PilotParams)
     endpoint: EndpointParams = Field(default_factory=EndpointParams)
+    prediction_log: PredictionLogParams = Field(default_factory=PredictionLogParams)
+    drift: DriftParams = Field(default_factory=DriftParams)
     cost: CostParams | None = Field(None, description="prices for the cost KPI; the gate needs them")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, protected_namespaces=())

@@ -15,6 +15,7 @@ PACKAGES = ("common", "data_checks", "deploy", "vit", "flows")
 # The layers of flows/, lowest first: a module imports only its own layer or lower ones (and the core).
 FLOWS_LAYERS = {
     "config": 0,
+    "serving_config": 0,
     "retries": 0,
     "tracking": 1,
     "registry": 1,
