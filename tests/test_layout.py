@@ -34,10 +34,13 @@ FLOWS_LAYERS = {
     "gate": 3,
     "registration": 3,
     "pilot_batch": 3,
+    "pilot_log": 3,
+    "from_log": 3,
     "scoring": 3,
     "promotion": 3,
     "retrain": 4,
     "pilot": 4,
+    "drift": 4,
     "endpoint": 4,
     "cli": 5,
 }
