@@ -275,6 +275,7 @@ class PredictionLog:
         self._lock = threading.Lock()  # guards _pending only: held for a list operation, never for I/O
         self._write_lock = threading.Lock()  # one writer at a time: the flush thread or a flush() caller
         self._pending: list[tuple[str, str, tuple]] = []  # (day, table, row), in arrival order
+        self._in_flight = 0  # records taken from _pending by the commit under way
         self._connections: dict[str, sqlite3.Connection] = {}
         self._closed = False
         self.last_error: Exception | None = None  # the latest failed commit (its records stay buffered)
@@ -320,9 +321,9 @@ class PredictionLog:
 
     @property
     def pending(self) -> int:
-        """Records buffered and not yet committed."""
+        """Records not committed yet: buffered, or in a commit under way."""
         with self._lock:
-            return len(self._pending)
+            return len(self._pending) + self._in_flight
 
     # -- committing ------------------------------------------------------------------------------------------
 
@@ -340,26 +341,29 @@ class PredictionLog:
         with self._write_lock:
             with self._lock:
                 batch, self._pending = self._pending, []
+                self._in_flight = len(batch)
             if not batch:
                 return 0
             by_day: dict[str, dict[str, list[tuple]]] = {}
             for day, table, row in batch:
                 by_day.setdefault(day, {}).setdefault(table, []).append(row)
-            failed: list[str] = []
+            done: set[str] = set()
             error: Exception | None = None
-            for day, tables in by_day.items():
-                try:
-                    self._write_day(day, tables)
-                except (sqlite3.Error, OSError, LogError) as err:
-                    failed.append(day)
-                    error = err
-            for day in set(self._connections) - set(by_day):
-                # a day that got no records in this batch is over for this process: let its file settle
-                self._connections.pop(day).close()
-            if failed:
+            try:
+                for day, tables in by_day.items():
+                    try:
+                        self._write_day(day, tables)
+                        done.add(day)
+                    except (sqlite3.Error, OSError, LogError) as err:
+                        error = err
+                for day in set(self._connections) - set(by_day):
+                    # a day that got no records in this batch is over for this process: let its file settle
+                    self._connections.pop(day).close()
+            finally:  # whatever happened, a record not committed goes back to the buffer, in order
                 with self._lock:
-                    self._pending[:0] = [item for item in batch if item[0] in failed]
-                assert error is not None
+                    self._pending[:0] = [item for item in batch if item[0] not in done]
+                    self._in_flight = 0
+            if error is not None:
                 raise error
             self.last_error = None
             return len(batch)
