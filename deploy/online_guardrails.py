@@ -36,14 +36,14 @@ _TOLERANCE = 1e-9
 class OnlineRules:
     """The limits of the online checks (params.yaml `pilot.online`, without `check_every_s`)."""
 
-    window: int = 200  # the pilot's most recent answers judged together
-    min_samples: int = 50  # answers in the window before any check may breach
-    max_error_rate: float = 0.05  # share of the pilot's attempts that failed
-    max_p95_ms: float | None = 250.0  # canary: p95 of the pilot's answers, arrival to answer; None = off
-    max_disagreement: float | None = 0.3  # shadow: share of requests labelled unlike the champion; None = off
-    max_confidence_drop: float | None = 0.15  # mean pilot confidence below the champion's; None = off
-    max_accuracy_drop_points: float | None = 5.0  # with feedback: pilot top-1 below the champion's; None = off
-    min_feedback: int = 20  # labelled answers of each model before accuracy is judged
+    window: int  # the pilot's most recent answers judged together
+    min_samples: int  # answers in the window before any check may breach
+    max_error_rate: float  # share of the pilot's attempts that failed
+    max_p95_ms: float | None  # canary: p95 of the pilot's answers, arrival to answer; None = off
+    max_disagreement: float | None  # shadow: share of requests labelled unlike the champion; None = off
+    max_confidence_drop: float | None  # mean pilot confidence below the champion's; None = off
+    max_accuracy_drop_points: float | None  # with feedback: pilot top-1 below the champion's, in points; None = off
+    min_feedback: int  # labelled answers of each model before accuracy is judged
 
     @classmethod
     def from_params(cls, online: Any) -> OnlineRules:
