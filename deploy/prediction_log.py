@@ -136,16 +136,29 @@ _INSERT = {
     "events": f"INSERT INTO events VALUES ({', '.join('?' * len(EVENT_COLUMNS))})",
 }
 # Connections inherited across a fork are never closed in the child: closing one there could checkpoint or unlink
-# the parent's WAL. A reopened log parks them here for the life of the process.
+# the parent's WAL. The child parks them here for the life of the process.
 _INHERITED: list[sqlite3.Connection] = []
 _OPEN_LOGS: weakref.WeakSet[PredictionLog] = weakref.WeakSet()
-_FORK_HOOK: list[bool] = []
+_HELD: list[PredictionLog] = []  # logs whose commit lock a fork in progress holds
+_FORK_HOOKS: list[bool] = []
 
 
-def _park_after_fork() -> None:
+def _before_fork() -> None:
+    # No commit may be under way in a fork: a child would inherit SQLite's internal locks held mid-call.
     for plog in list(_OPEN_LOGS):
-        _INHERITED.extend(plog._connections.values())
-        plog._connections = {}
+        if plog._pid == os.getpid() and plog._write_lock.acquire(timeout=2 * _BUSY_MS / 1000):
+            _HELD.append(plog)
+
+
+def _after_fork_in_parent() -> None:
+    while _HELD:
+        _HELD.pop()._write_lock.release()
+
+
+def _after_fork_in_child() -> None:
+    _HELD.clear()
+    for plog in list(_OPEN_LOGS):
+        plog._park()
 
 
 def day_of(t: float) -> str:
@@ -262,9 +275,11 @@ class PredictionLog:
         self.flush_s = float(flush_s)
         self.host = socket.gethostname()
         self._start()
-        if not _FORK_HOOK:
-            os.register_at_fork(after_in_child=_park_after_fork)
-            _FORK_HOOK.append(True)
+        if not _FORK_HOOKS:
+            os.register_at_fork(
+                before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
+            )
+            _FORK_HOOKS.append(True)
         _OPEN_LOGS.add(self)
         ref = weakref.ref(self)
         self._atexit = lambda: (plog := ref()) is not None and plog._close_quietly()
@@ -286,8 +301,15 @@ class PredictionLog:
     def _ensure_process(self) -> None:
         if self._pid != os.getpid():
             # Forked: the parent's buffered records, connections and thread are the parent's. Start afresh.
-            _park_after_fork()
-            self._start()
+            self._park()
+            if self._closed:
+                self._pid = os.getpid()
+            else:
+                self._start()
+
+    def _park(self) -> None:
+        _INHERITED.extend(self._connections.values())
+        self._connections = {}
 
     # -- appending -------------------------------------------------------------------------------------------
 
@@ -409,7 +431,8 @@ class PredictionLog:
                 raise LogError(f"{self.folder}: could not commit {self.pending} records: {err}") from err
 
     def close(self) -> None:
-        """Stop the thread and commit what is buffered; idempotent."""
+        """Stop the thread and commit what is buffered; idempotent. LogError when a commit cannot be made (the
+        message says how many records stay unwritten and why)."""
         self._ensure_process()
         if self._closed:
             return
@@ -422,6 +445,7 @@ class PredictionLog:
             for con in self._connections.values():
                 con.close()
             self._connections.clear()
+            _OPEN_LOGS.discard(self)
             atexit.unregister(self._atexit)
 
     def _close_quietly(self) -> None:
