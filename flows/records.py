@@ -3,12 +3,14 @@
 - A retrain: its outcome on its MLflow run (read back by the skip decision on any machine) and its Prefect
   artifacts (the KPI table, the gate decision, links).
 - A pilot stage: an MLflow run naming both versions (metrics, report, predictions), the stage's record on the
-  candidate version's tags (read back by `promote`), and Prefect artifacts for the run page.
+  candidate version's tags (read back by `promote`), and Prefect artifacts for the run page; and the stage the
+  version is piloted in (`pilot.stage`, `pilot.canary_fraction`, `pilot.stage_since`), which the endpoints read.
 """
 
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +28,10 @@ PILOT_STAGE_TAG, PILOT_OUTCOME_TAG = "vitops.pilot.stage", "vitops.pilot.outcome
 TAG_SHADOW_RUN, TAG_SHADOW_TIME = "pilot.shadow.run_id", "pilot.shadow.time"
 TAG_CANARY_RUN, TAG_CANARY_OUTCOME = "pilot.canary.run_id", "pilot.canary.outcome"
 TAG_CANARY_REASONS = "pilot.canary.reasons"
+# The stage a version is piloted in, which the endpoints read on the holder of `pilot`: `shadow` or `canary`
+# pilots it; `ended` (promoted, rolled back, replaced) and `stopped` (a guardrail breach) do not.
+TAG_STAGE, TAG_STAGE_FRACTION, TAG_STAGE_SINCE = "pilot.stage", "pilot.canary_fraction", "pilot.stage_since"
+STAGE_ENDED, STAGE_STOPPED = "ended", "stopped"
 
 
 def artifact_key(model: str, what: str) -> str:
@@ -145,6 +151,10 @@ def pilot_metrics(summary: dict[str, Any]) -> dict[str, float]:
     for key in ("files", "usable", "rejected", "labelled", "unlabelled"):
         if key in counts:
             metrics[f"batch.{key}"] = float(counts[key])
+    logged = summary.get("log", {})  # a stage whose evidence is the prediction log
+    for key in ("records", "errors", "images", "labelled"):
+        if key in logged:
+            metrics[f"log.{key}"] = float(logged[key])
     return metrics
 
 
@@ -215,6 +225,28 @@ def tag_canary(versions: Versions, mlflow_run: str, verdict: str, failed: list[s
         TAG_CANARY_REASONS: " ".join(failed) or "all guardrails held",
         "pilot.canary.time": utc_now(),
     })  # fmt: skip
+
+
+def tag_stage(name: str, version: str, stage: str, fraction: float | None = None, since: str | None = None) -> str:
+    """Record the stage a version is piloted in (`shadow`, `canary`, `ended`, `stopped`), which the endpoints read
+    on the holder of `pilot`, with the canary's share and since when.
+
+    Args:
+        name: the registered model.
+        version: the version.
+        stage: the stage.
+        fraction: the canary's share of requests (`pilot.canary_fraction`), for a canary.
+        since: keep this start (ISO UTC) instead of now: a stage that goes on keeps its evidence window.
+
+    Returns:
+        The stage's start as recorded (ISO 8601 UTC, to the millisecond).
+    """
+    since = since or datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    tags = {TAG_STAGE: stage, TAG_STAGE_SINCE: since}
+    if fraction is not None:
+        tags[TAG_STAGE_FRACTION] = f"{fraction:g}"
+    registry.set_version_tags(name, version, tags)
+    return since
 
 
 def tag_rolled_back(name: str, version: str, reason: str) -> None:

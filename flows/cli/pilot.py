@@ -1,8 +1,11 @@
 """`vitops` commands of the staged pilot.
 
 vitops pilot STAGE [--model NAME] [--version candidate|N] [--batch DIR] [--skip shadow,canary] [--reason TEXT]
+             [--source batch|log] [--since TIME]
         run one stage of the pilot flow in this process (shadow, canary, promote, rollback); prints what it
-        recorded; exit 1 when the stage said no (batch rejected, guardrail breach, refused, rejected, timed out)
+        recorded; exit 1 when the stage said no (batch rejected, guardrail breach, refused, rejected, timed out).
+        --source log: shadow and canary judge what the endpoints answered on live traffic (the prediction log)
+        since TIME (2026-12-04T10:00, 24h; default: when the stage started) instead of scoring a batch
 vitops approve FLOW_RUN_ID --approver NAME [--reject] [--comment TEXT]
         answer a paused `promote` run through the Prefect API (Prefect has no CLI verb for resuming a run)
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 from vitops.flows.config import DEFAULT_PARAMS, Params
@@ -19,9 +23,10 @@ from vitops.flows.config import DEFAULT_PARAMS, Params
 def user_errors() -> tuple[type[BaseException], ...]:
     """Error classes of this group that are user mistakes (imported only when an error is being reported)."""
     from vitops.data_checks.batch import BatchError
+    from vitops.deploy.prediction_log import LogError
     from vitops.flows.pilot_batch import PilotError
 
-    return (PilotError, BatchError)
+    return (PilotError, BatchError, LogError)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", help="folder of new images (default: pilot.batch)")
     p.add_argument("--skip", default="", help="promote: comma-separated requirements skipped (gate,shadow,canary)")
     p.add_argument("--reason", default="", help="why (a skip or a rollback); recorded")
+    evidence = "shadow/canary evidence: a batch folder scored here, or the endpoints' prediction log"
+    p.add_argument("--source", choices=["batch", "log"], default="batch", help=evidence)
+    since = "with --source log: read the log from TIME (2026-12-04T10:00, 24h, 7d; default: when the stage started)"
+    p.add_argument("--since", help=since)
     p.set_defaults(handler=cmd_pilot)
 
     p = sub.add_parser("approve", help="approve (or --reject) a paused promote run, with your name")
@@ -51,8 +60,21 @@ def cmd_pilot(args: argparse.Namespace, params: Params) -> int:
     from prefect.exceptions import FailedRun
 
     from vitops.flows.pilot import BREACH, INCONCLUSIVE, pilot
+    from vitops.flows.pilot_batch import PilotError
 
+    if args.since is not None:
+        from vitops.deploy.prediction_log import LogError, parse_time
+
+        if args.source != "log":
+            raise PilotError("--since reads the prediction log: pass --source log with it")
+        try:
+            parse_time(args.since)  # a bad value is a usage error (exit 2), before anything runs
+        except LogError as err:
+            raise PilotError(f"--since: {err}") from err
+    if args.source == "log" and args.batch:
+        raise PilotError("--batch is a folder to score: use it with --source batch, not --source log")
     skip = [s.strip() for s in args.skip.split(",") if s.strip()]
+    started = time.time()
     state = pilot(
         stage=args.stage,
         model_name=args.model,
@@ -61,6 +83,8 @@ def cmd_pilot(args: argparse.Namespace, params: Params) -> int:
         params_file=str(args.params or DEFAULT_PARAMS),
         skip=skip,
         reason=args.reason,
+        source=args.source,
+        since=args.since,
         return_state=True,
     )
     outcome = state.result(raise_on_failure=False)
@@ -70,7 +94,8 @@ def cmd_pilot(args: argparse.Namespace, params: Params) -> int:
     report = Path(params.pilot.out_dir) / args.stage / "report.md"
     summary = Path(params.pilot.out_dir) / args.stage / "summary.json"
     scored = state.is_completed() or state.name in (BREACH, INCONCLUSIVE)
-    if args.stage in ("shadow", "canary") and scored and summary.is_file():
+    fresh = summary.is_file() and summary.stat().st_mtime >= started  # a stage just started wrote none
+    if args.stage in ("shadow", "canary") and scored and fresh:
         data = json.loads(summary.read_text(encoding="utf-8"))
         for role, m in data.get("measures", {}).items():
             p50 = "-" if m["p50_ms"] is None else f"{m['p50_ms']:.2f}"
