@@ -5,6 +5,11 @@ vitops data sample-batch OUT [--labelled-share 0.5]
                                             write the quickstart's pilot batch: new images from the line
 vitops data import SRC [--remote URL] [--no-push] [--no-git-commit]
                                             copy an ImageFolder into data.raw_dir as a new DVC data version
+vitops data from-log --since T [--until T] [--out DIR] [--limit N] [--no-import] [--no-push]
+                                            the labelled logged images (operators' feedback, kept images;
+                                            disagreements first) as an ImageFolder, then through the data gate
+                                            into a new data version beside the current data; exit 1 when the
+                                            gate fails (the data version stays as it was)
 vitops data version                         print the current data version (the tracked folder's hash)
 vitops data versions                        list the committed data versions, newest first
 vitops data checkout REV                    bring back the data version committed at git revision REV
@@ -28,9 +33,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from vitops.data_checks.batch import BatchError
     from vitops.data_checks.manifest import LayoutError
     from vitops.data_checks.sample import SampleError
+    from vitops.deploy.prediction_log import LogError
+    from vitops.flows.from_log import FromLogError
     from vitops.flows.versioning import VersioningError
 
-    return (BatchError, LayoutError, SampleError, VersioningError)
+    return (BatchError, LayoutError, SampleError, VersioningError, LogError, FromLogError)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -58,6 +65,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-push", action="store_true", help="do not push to the remote")
     p.add_argument("--no-git-commit", action="store_true", help="do not commit the .dvc file")
     p.set_defaults(handler=cmd_import)
+
+    p = data_sub.add_parser(
+        "from-log", help="labelled images of the prediction log -> an ImageFolder -> the data gate -> a data version"
+    )
+    p.add_argument("--since", required=True, help="logged from this time: 2026-12-04, 2026-12-04T10:00, 24h, 7d")
+    p.add_argument("--until", help="logged before this time (default: now)")
+    p.add_argument("--out", type=Path, help="new or empty folder to write (default: build/from-log/<UTC time>)")
+    p.add_argument("--limit", type=_positive, help="at most this many images, disagreements first, then the least "
+                   "confident")  # fmt: skip
+    p.add_argument("--no-import", action="store_true", help="only write the ImageFolder")
+    p.add_argument("--no-push", action="store_true", help="do not push the new data version to the remote")
+    p.set_defaults(handler=cmd_from_log)
 
     p = data_sub.add_parser("version", help="print the current DVC data version")
     p.set_defaults(handler=cmd_version)
@@ -123,6 +142,69 @@ def cmd_import(args: argparse.Namespace, params: Params) -> int:
     print(f"data version {result.version}" + (f" (commit {result.commit[:10]})" if result.commit else ""))
     if result.pushed:
         print(f"pushed to remote '{params.data.remote_name}'")
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of images")
+    return value
+
+
+def cmd_from_log(args: argparse.Namespace, params: Params) -> int:
+    """Write the labelled logged images and make them a data version; 1 when the data gate fails."""
+    import time
+
+    from vitops.deploy.prediction_log import parse_time
+    from vitops.flows.from_log import data_from_log, select_labelled
+
+    if not args.verbose:  # GX logs its internals at INFO (and pins some of its loggers to INFO)
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_quiet_gx)
+    since = parse_time(args.since)
+    until = parse_time(args.until) if args.until else None
+    log_dir = params.prediction_log.dir
+    out = args.out or Path("build/from-log") / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    selection = select_labelled(log_dir, since, until, args.limit, tuple(params.data.classes))
+    for label, count in sorted(selection.bad_labels.items()):
+        print(f"warning: {count} image(s) labelled {label!r} left out: not a class of data.classes "
+              f"{list(params.data.classes)} (or not a usable folder name)", file=sys.stderr)  # fmt: skip
+    if selection.not_kept:
+        print(f"{selection.not_kept} labelled image(s) were not kept in {log_dir}/images "
+              "(prediction_log.keep_images, keep_below_confidence): they cannot join the data")  # fmt: skip
+    result = data_from_log(selection, out, params.data, params.validate_, not args.no_import, not args.no_push)
+    disagreements = sum(i.disagreement for i in selection.images)
+    print(
+        f"wrote {len(result.written)} labelled image(s) to {out} ({disagreements} disagreement(s) first, then "
+        "the least confident)" + (f"; {selection.left_out} more left out by --limit" if selection.left_out else "")
+    )
+    if args.no_import or not result.written:
+        if not result.written:
+            print("no labelled, kept images in that window: nothing to import")
+        return 0
+    if result.already_in_data:
+        print(f"{result.already_in_data} of them are in data version {result.version_before} already (same "
+              "bytes): not added twice")  # fmt: skip
+    if result.gate is None:
+        print(f"data version {result.version_before} unchanged: every image is in it already")
+        return 0
+    counts = result.gate.counts
+    for line in result.gate.failures:
+        print(f"FAIL: {line}")
+    for line in result.gate.warnings:
+        print(f"warning: {line}")
+    if not result.passed:
+        print(f"data gate FAILED on the current data plus the new images ({counts['files']} files); data version "
+              f"{result.version_before} unchanged; report {result.gate.report_path}")  # fmt: skip
+        return 1
+    imported = result.imported
+    print(f"data gate passed: {counts['files']} files, {counts['usable']} usable; report {result.gate.report_path}")
+    print(f"copied {imported.copied} new file(s) into {params.data.raw_dir}")
+    print(f"data version {imported.version}" + (f" (commit {imported.commit[:10]})" if imported.commit else "")
+          + f", was {result.version_before}")  # fmt: skip
+    if imported.pushed:
+        print(f"pushed to remote '{params.data.remote_name}'; the next retrain trains on it")
     return 0
 
 

@@ -3,9 +3,12 @@
 vitops retrain [--model NAME] [--data DIR] [--force] [--nproc-per-node N]
         run the retrain flow once, in this process (Prefect's ephemeral API unless PREFECT_API_URL is set);
         prints the KPI table, the registry decision and where to look; exit 1 when a gate said no
+vitops drift [--since T] [--until T] [--model NAME] [--retrain]
+        run the drift flow once: the line's kept images of the last drift.since_hours against the champion's
+        training manifest; prints the verdict; exit 1 on a strong drift
 vitops serve
-        serve the deployments (retrain/nightly on retrain.cron, retrain/on-demand, pilot/staged) from this
-        process; needs a Prefect server (PREFECT_API_URL) for the schedule to fire
+        serve the deployments (retrain/nightly on retrain.cron, retrain/on-demand, pilot/staged, drift/daily on
+        drift.cron) from this process; needs a Prefect server (PREFECT_API_URL) for the schedules to fire
 """
 
 from __future__ import annotations
@@ -34,7 +37,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nproc-per-node", type=int, help="GPUs for the fine-tune (torchrun when > 1)")
     p.set_defaults(handler=cmd_retrain)
 
-    p = sub.add_parser("serve", help="serve the retrain and pilot deployments (schedule included) from this process")
+    p = sub.add_parser("drift", help="run the drift check once: the line's kept images against the training data")
+    p.add_argument("--since", help="window start: 2026-12-04, 2026-12-04T06:00, 24h (default: drift.since_hours ago)")
+    p.add_argument("--until", help="window end (default: now)")
+    p.add_argument("--model", help="registered model (default: tracking.registered_model)")
+    p.add_argument("--retrain", action="store_true", help="on a strong drift, run drift.retrain_deployment")
+    p.set_defaults(handler=cmd_drift)
+
+    p = sub.add_parser("serve", help="serve the retrain, pilot and drift deployments (schedules included)")
     p.set_defaults(handler=cmd_serve)
 
 
@@ -96,23 +106,33 @@ def _print_summary(params: Params, state: Any) -> None:
     print(f"Prefect UI: {start}open {ui}/runs/flow-run/{run_id}")
 
 
-def cmd_serve(args: argparse.Namespace, params: Params) -> int:
-    """Serve the deployments from this process until interrupted."""
-    from prefect import serve
+def cmd_drift(args: argparse.Namespace, params: Params) -> int:
+    """Run the drift flow once; 0 no drift or no verdict, 1 a strong drift, 2 the retrain could not start."""
+    quiet_prefect(args.verbose)
+    from vitops.flows.drift import DRIFT, RETRAIN_NOT_STARTED, drift
 
+    state = drift(
+        model_name=args.model,
+        since=args.since,
+        until=args.until,
+        params_file=str(args.params or DEFAULT_PARAMS),
+        retrain_on_drift=args.retrain,
+        return_state=True,
+    )
+    if state.is_failed() and state.name != RETRAIN_NOT_STARTED:
+        state.result()  # re-raises the error, which `vitops` reports with its exit code
+    print(f"drift {state.name}: {state.message}")
+    return {DRIFT: 1, RETRAIN_NOT_STARTED: 2}.get(state.name, 0)
+
+
+def deployments(params: Params, params_file: str) -> list[Any]:
+    """The deployments `vitops serve` serves, each with `params_file` as its parameter."""
+    from vitops.flows.drift import drift
     from vitops.flows.pilot import pilot
     from vitops.flows.retrain import retrain
 
-    if not os.environ.get("PREFECT_API_URL"):
-        print(
-            "vitops serve: PREFECT_API_URL is not set, so this serves against a temporary API that runs no "
-            "scheduler: the nightly schedule will not fire. Start `prefect server start` and set "
-            "PREFECT_API_URL=http://127.0.0.1:4200/api first.",
-            file=sys.stderr,
-        )
-    params_file = str(Path(args.params or DEFAULT_PARAMS).resolve())
     r = params.retrain
-    serve(
+    return [
         retrain.to_deployment(
             name="nightly",
             cron=r.cron,
@@ -126,5 +146,27 @@ def cmd_serve(args: argparse.Namespace, params: Params) -> int:
             parameters={"params_file": params_file},
             description="one stage of a staged pilot: --param stage='\"shadow\"' (canary, promote, rollback)",
         ),
-    )
+        drift.to_deployment(
+            name="daily",
+            cron=params.drift.cron,
+            parameters={"params_file": params_file},
+            concurrency_limit=1,
+            description="the line's kept images against the champion's training data; event vitops.drift.detected",
+        ),
+    ]
+
+
+def cmd_serve(args: argparse.Namespace, params: Params) -> int:
+    """Serve the deployments from this process until interrupted."""
+    from prefect import serve
+
+    if not os.environ.get("PREFECT_API_URL"):
+        print(
+            "vitops serve: PREFECT_API_URL is not set, so this serves against a temporary API that runs no "
+            "scheduler: the nightly schedule will not fire. Start `prefect server start` and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api first.",
+            file=sys.stderr,
+        )
+    params_file = str(Path(args.params or DEFAULT_PARAMS).resolve())
+    serve(*deployments(params, params_file))
     return 0
