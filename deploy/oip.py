@@ -8,7 +8,9 @@ vitops endpoint. The model has one input, `image`, in one of two forms:
 - `UINT8`, shape `[N, H, W, 3]`: raw RGB pixels, row-major, flat or nested.
 
 and three outputs: `label` (`BYTES [N]`), `confidence` (`FP32 [N]`) and `probabilities` (`FP32 [N, C]`, in the
-order of `classes`). A request may name the outputs it wants. Errors are the protocol's `{"error": "..."}`.
+order of `classes`). A request may name the outputs it wants. Errors are the protocol's `{"error": "..."}`. Each
+image is known by its sha256: of the file's bytes for a BYTES element, of its raw `H, W, 3` uint8 bytes for a
+UINT8 element; the response's `parameters` carry per-image lists (`sha256`, `request_id`, `route`, `version`).
 Triton's binary-tensor extension is not spoken: its clients send JSON with `binary_data=False`.
 
 `answers` is the pyfunc model's own arithmetic (softmax in float64, then float32), so the same logits give the
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,11 +36,14 @@ OUTPUTS = ("label", "confidence", "probabilities")
 
 @dataclass
 class InferRequest:
-    """A checked infer request: its id, the decoded images and the outputs asked for."""
+    """A checked infer request: its id, the decoded images and the outputs asked for, and each image's sha256 and
+    encoded file (None for a UINT8 element)."""
 
     id: str | None
     images: list[np.ndarray]
     outputs: list[str] = field(default_factory=lambda: list(OUTPUTS))
+    sha256: list[str] = field(default_factory=list)
+    files: list[bytes | None] = field(default_factory=list)
 
 
 @dataclass
@@ -77,18 +83,25 @@ def parse_infer_request(body: Any, limits: Limits) -> InferRequest:
     if "data" not in tensor:
         raise InputError(f"input {INPUT!r} has no `data` (Triton's binary-data extension is not supported)")
     if datatype == "BYTES":
-        images = _images_from_bytes(tensor["data"], shape, tensor.get("parameters") or {}, limits)
+        files = _files_from_bytes(tensor["data"], shape, tensor.get("parameters") or {}, limits)
+        images = [decode_image(raw, limits.max_pixels, f"input {INPUT!r}[{i}]") for i, raw in enumerate(files)]
+        hashes = [hashlib.sha256(raw).hexdigest() for raw in files]
     elif datatype == "UINT8":
         images = images_from_tensor(tensor["data"], shape, limits, what=f"input {INPUT!r}")
+        files = [None] * len(images)
+        hashes = [hashlib.sha256(np.ascontiguousarray(img, np.uint8).tobytes()).hexdigest() for img in images]
     else:
         raise InputError(
             f"input {INPUT!r} has datatype {datatype!r}: send BYTES (base64 PNG or JPEG files) or UINT8 [N,H,W,3]"
         )
-    return InferRequest(rid, images, outputs)
+    return InferRequest(rid, images, outputs, hashes, list(files))
 
 
-def infer_response(model: str, version: str, request: InferRequest, out: Answers) -> dict[str, Any]:
-    """The protocol's infer response for `request`, from the answers about its images."""
+def infer_response(
+    model: str, version: str, request: InferRequest, out: Answers, parameters: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The protocol's infer response for `request`, from the answers about its images; `parameters` (e.g. per-image
+    lists of sha256, request ids and routes) go into the response's `parameters`."""
     n, classes = len(out.labels), out.probabilities.shape[1]
     tensors = {
         "label": {"datatype": "BYTES", "shape": [n], "data": list(out.labels)},
@@ -102,6 +115,8 @@ def infer_response(model: str, version: str, request: InferRequest, out: Answers
     }
     if request.id is not None:
         response["id"] = request.id
+    if parameters:
+        response["parameters"] = parameters
     return response
 
 
@@ -123,7 +138,7 @@ def model_metadata(model: str, version: str, engine: str, classes: list[str], im
     }
 
 
-def _images_from_bytes(data: Any, shape: list[int], parameters: dict, limits: Limits) -> list[np.ndarray]:
+def _files_from_bytes(data: Any, shape: list[int], parameters: dict, limits: Limits) -> list[bytes]:
     if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
         raise InputError(f"input {INPUT!r}: a BYTES input has shape [N] or [N, 1], not {shape}")
     items = _flatten(data)
@@ -132,7 +147,7 @@ def _images_from_bytes(data: Any, shape: list[int], parameters: dict, limits: Li
         raise InputError(f"input {INPUT!r}: shape {shape} says {math.prod(shape)} images, `data` holds {len(items)}")
     if parameters.get("content_type") not in (None, "base64"):
         raise InputError(f"input {INPUT!r}: BYTES data is base64 (content_type 'base64'), not {parameters!r}")
-    images = []
+    files = []
     for i, item in enumerate(items):
         what = f"input {INPUT!r}[{i}]"
         if not isinstance(item, str):
@@ -143,8 +158,8 @@ def _images_from_bytes(data: Any, shape: list[int], parameters: dict, limits: Li
             raw = base64.b64decode(item, validate=True)
         except (binascii.Error, ValueError):
             raise InputError(f"{what} is not valid base64") from None
-        images.append(decode_image(raw, limits.max_pixels, what))
-    return images
+        files.append(raw)
+    return files
 
 
 def _flatten(data: Any) -> list[Any]:

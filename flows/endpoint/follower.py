@@ -15,6 +15,10 @@ It reads the alias every `poll_s` (sooner when a signed MLflow webhook wakes it)
 A refused version is not tried again until the alias moves away from it; a registry that cannot be reached is
 logged and read again at the next poll, while the served version goes on answering. A rollback is a move like
 any other.
+
+While it serves `champion`, each poll also reads `pilot` and publishes the version piloted beside the champion,
+and every `pilot.online.check_every_s` it judges that pilot's logged answers by the online guardrails
+(`watch.PilotWatch`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from vitops.flows.endpoint import state
 
@@ -45,6 +50,7 @@ class FollowerConfig:
     n_workers: int
     tracking_uri: str
     verbose: bool = False
+    pilot: Any = None  # watch.PilotSettings; None: no pilot beside the served alias
 
 
 class Refused(Exception):
@@ -71,7 +77,7 @@ def first_version(cfg: FollowerConfig) -> dict[str, str]:
         )
     path = registry.fetch_version(cfg.name, holder, cfg.cache_dir)
     serving = {"version": holder, "path": str(path)}
-    state.write(state.target_file(cfg.state_dir), {"serving": serving, "candidate": None})
+    state.write(state.target_file(cfg.state_dir), {"serving": serving, "candidate": None, "pilot": None})
     _status(cfg, registry_version=holder, registry_error=None, refused=None)
     return serving
 
@@ -84,47 +90,70 @@ def follow(cfg: FollowerConfig) -> None:
     configure_logging(cfg.verbose)
     from vitops.flows import registry
     from vitops.flows.endpoint import metrics
+    from vitops.flows.endpoint.watch import PilotWatch
 
+    watch = None
+    if cfg.alias == "champion" and cfg.pilot is not None:
+        watch = PilotWatch(cfg.name, cfg.state_dir, cfg.cache_dir, cfg.pilot)
     refused: dict[str, str] = {}  # version -> why, forgotten once the alias points elsewhere
-    seq = 0
+    seq, next_read = 0, 0.0
     while True:
-        _sleep(cfg)
-        serving = state.read(state.target_file(cfg.state_dir))["serving"]
-        try:
-            holder = registry.current_aliases(cfg.name).get(cfg.alias)
-        except registry.RegistryError as err:
-            metrics.REGISTRY_ERRORS.labels(cfg.name).inc()
-            log.warning("cannot read %s@%s; still serving version %s: %s", cfg.name, cfg.alias, serving["version"], err)
-            _status(cfg, registry_error=str(err))
-            continue
-        _status(cfg, registry_version=holder, registry_error=None)
-        refused = {v: why for v, why in refused.items() if v == holder}
-        if holder is None:
-            log.warning("%s@%s is not set; still serving version %s", cfg.name, cfg.alias, serving["version"])
-            continue
-        if holder == serving["version"] or holder in refused:
-            continue
-        seq += 1
-        log.info("%s@%s moved %s -> %s: checking it beside the served version", cfg.name, cfg.alias,
-                 serving["version"], holder)  # fmt: skip
-        try:
-            path = _fetch(cfg, holder)
-            _stage(cfg, seq, holder, path, serving)
-        except Refused as err:
-            refused[holder] = str(err)
-            metrics.SWAP_FAILURES.labels(cfg.name, holder, err.check).inc()
-            metrics.REFUSED.labels(cfg.name).set(int(holder))
-            at = datetime.now(UTC).isoformat(timespec="seconds")
-            _status(cfg, refused={"version": holder, "check": err.check, "reason": err.reason, "at": at})
-            log.error("refused %s version %s (%s check failed: %s); still serving version %s", cfg.name, holder,
-                      err.check, err.reason, serving["version"])  # fmt: skip
-        except registry.RegistryError as err:  # the download itself failed: try again at the next poll
-            metrics.REGISTRY_ERRORS.labels(cfg.name).inc()
-            log.warning("cannot download %s version %s (will retry): %s", cfg.name, holder, err)
-            _status(cfg, registry_error=str(err))
-        else:
-            metrics.SWAPS.labels(cfg.name).inc()
-            _status(cfg, refused=None)
+        if time.monotonic() >= next_read or state.woken(cfg.state_dir):
+            next_read = time.monotonic() + cfg.poll_s
+            try:
+                aliases = registry.current_aliases(cfg.name)
+            except registry.RegistryError as err:
+                metrics.REGISTRY_ERRORS.labels(cfg.name).inc()
+                log.warning("cannot read %s@%s; still serving version %s: %s", cfg.name, cfg.alias, _served(cfg), err)
+                _status(cfg, registry_error=str(err))
+            else:
+                _status(cfg, registry_version=aliases.get(cfg.alias), registry_error=None)
+                refused = {v: why for v, why in refused.items() if v == aliases.get(cfg.alias)}
+                seq = _follow_alias(cfg, aliases.get(cfg.alias), refused, seq)
+                if watch is not None:
+                    watch.follow(aliases.get("pilot"), _served(cfg))
+        if watch is not None:
+            watch.tick(_served(cfg))
+        time.sleep(0.1)
+
+
+def _served(cfg: FollowerConfig) -> str:
+    return state.read(state.target_file(cfg.state_dir))["serving"]["version"]
+
+
+def _follow_alias(cfg: FollowerConfig, holder: str | None, refused: dict[str, str], seq: int) -> int:
+    """Move every worker to `holder` (all or none) if it is new and was not refused; returns the move counter."""
+    from vitops.flows import registry
+    from vitops.flows.endpoint import metrics
+
+    serving = state.read(state.target_file(cfg.state_dir))["serving"]
+    if holder is None:
+        log.warning("%s@%s is not set; still serving version %s", cfg.name, cfg.alias, serving["version"])
+        return seq
+    if holder == serving["version"] or holder in refused:
+        return seq
+    seq += 1
+    log.info("%s@%s moved %s -> %s: checking it beside the served version", cfg.name, cfg.alias,
+             serving["version"], holder)  # fmt: skip
+    try:
+        path = _fetch(cfg, holder)
+        _stage(cfg, seq, holder, path, serving)
+    except Refused as err:
+        refused[holder] = str(err)
+        metrics.SWAP_FAILURES.labels(cfg.name, holder, err.check).inc()
+        metrics.REFUSED.labels(cfg.name).set(int(holder))
+        at = datetime.now(UTC).isoformat(timespec="seconds")
+        _status(cfg, refused={"version": holder, "check": err.check, "reason": err.reason, "at": at})
+        log.error("refused %s version %s (%s check failed: %s); still serving version %s", cfg.name, holder,
+                  err.check, err.reason, serving["version"])  # fmt: skip
+    except registry.RegistryError as err:  # the download itself failed: try again at the next poll
+        metrics.REGISTRY_ERRORS.labels(cfg.name).inc()
+        log.warning("cannot download %s version %s (will retry): %s", cfg.name, holder, err)
+        _status(cfg, registry_error=str(err))
+    else:
+        metrics.SWAPS.labels(cfg.name).inc()
+        _status(cfg, refused=None)
+    return seq
 
 
 def _fetch(cfg: FollowerConfig, version: str) -> Path:
@@ -138,9 +167,8 @@ def _fetch(cfg: FollowerConfig, version: str) -> Path:
 
 def _stage(cfg: FollowerConfig, seq: int, version: str, path: Path, serving: dict) -> None:
     """Have every worker check `version` beside the served one, then commit it, or abort and raise `Refused`."""
-    target = state.target_file(cfg.state_dir)
     candidate = {"seq": seq, "version": version, "path": str(path), "phase": "stage"}
-    state.write(target, {"serving": serving, "candidate": candidate})
+    _target(cfg, serving=serving, candidate=candidate)
     deadline = time.monotonic() + cfg.swap_timeout_s
     while True:
         reports = [w.get("staged") or {} for w in state.workers(cfg.state_dir).values()]
@@ -153,9 +181,9 @@ def _stage(cfg: FollowerConfig, seq: int, version: str, path: Path, serving: dic
             break
         time.sleep(0.05)
     if failed:
-        state.write(target, {"serving": serving, "candidate": candidate | {"phase": "abort"}})
+        _target(cfg, serving=serving, candidate=candidate | {"phase": "abort"})
         raise Refused(failed[0].get("check", "load"), failed[0].get("reason", "unknown"))
-    state.write(target, {"serving": {"version": version, "path": str(path)}, "candidate": None})
+    _target(cfg, serving={"version": version, "path": str(path)}, candidate=None)
     while time.monotonic() < deadline:  # the switch itself is one assignment per worker, within its next poll
         if all(w.get("version") == version for w in state.workers(cfg.state_dir).values()):
             break
@@ -163,12 +191,10 @@ def _stage(cfg: FollowerConfig, seq: int, version: str, path: Path, serving: dic
     log.info("now serving %s version %s (was %s)", cfg.name, version, serving["version"])
 
 
-def _sleep(cfg: FollowerConfig) -> None:
-    deadline = time.monotonic() + cfg.poll_s
-    while time.monotonic() < deadline:
-        if state.woken(cfg.state_dir):
-            return
-        time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+def _target(cfg: FollowerConfig, **changes: Any) -> None:
+    """Change `target.json`'s serving or candidate, keeping the pilot as it is."""
+    path = state.target_file(cfg.state_dir)
+    state.write(path, state.read(path) | changes)
 
 
 def _status(cfg: FollowerConfig, **changes: object) -> None:

@@ -1,7 +1,8 @@
 """The endpoint's Prometheus metrics, correct across LitServe's processes.
 
-Requests are counted where HTTP is answered (the API-server processes), batches where they run (the inference
-workers), swaps where they are decided (the follower). prometheus-client's multiprocess mode adds them up: every
+Requests and routed answers are counted where HTTP is answered (the API-server processes), batches where they run
+(the inference workers), swaps and guardrail breaches where they are decided (the follower), shadow scores in the
+shadow process. prometheus-client's multiprocess mode adds them up: every
 process writes its samples to files in `PROMETHEUS_MULTIPROC_DIR`, which `vitops endpoint` sets to a fresh
 folder before any process imports prometheus_client, and `/metrics` collects that folder. Gauges say which
 version is served with `mostrecent`: the value last set by any process (workers switch within one poll of
@@ -48,6 +49,33 @@ REFUSED = Gauge(
     multiprocess_mode="mostrecent",
 )  # fmt: skip
 REGISTRY_ERRORS = Counter("vitops_endpoint_registry_errors", "Failed reads of the registry", ["model"])
+# the pilot beside the champion: answers by route, the shadow's queue, the online guardrails
+ROUTED = Counter(
+    "vitops_endpoint_routed_answers", "Images answered, by route (champion or canary) and the version that answered",
+    ["model", "version", "route"],
+)  # fmt: skip
+PILOT_ERRORS = Counter(
+    "vitops_endpoint_pilot_errors", "Images the canary pilot failed on (the champion answered them)",
+    ["model", "version", "route"],
+)  # fmt: skip
+SHADOW_DROPPED = Counter(
+    "vitops_endpoint_shadow_dropped", "Images the shadow did not score: its queue was full, or no pilot was loaded",
+    ["model", "reason"],
+)  # fmt: skip
+SHADOW_SCORED = Counter(
+    "vitops_endpoint_shadow_scored", "Images the shadow pilot scored", ["model", "version", "status"]
+)
+SHADOW_SECONDS = Histogram(
+    "vitops_endpoint_shadow_seconds", "Time the shadow took for one image, dequeue to answer", buckets=_LATENCY
+)
+BREACHES = Counter(
+    "vitops_endpoint_guardrail_breaches", "Pilots stopped by an online guardrail, by the check that failed",
+    ["model", "version", "check"],
+)  # fmt: skip
+PILOT = Gauge(
+    "vitops_endpoint_pilot_version", "The pilot version beside the champion, by stage (0: none)", ["model", "stage"],
+    multiprocess_mode="mostrecent",
+)  # fmt: skip
 
 
 def exposition() -> bytes:

@@ -8,13 +8,21 @@ and never shares a batch with other clients' requests. Routes:
 - `GET /v2`, `/v2/health/live`, `/v2/health/ready`, `/v2/models/NAME[/versions/V]`, `/v2/models/NAME/ready`,
   `POST /v2/models/NAME[/versions/V]/infer`: the Open Inference Protocol (`deploy.oip`);
 - `POST /predict`: one PNG or JPEG as the raw body or as the one file of a multipart form, answered
-  `{label, confidence, probabilities, version, engine}`;
+  `{label, confidence, probabilities, version, engine, sha256, request_id, route}`;
+- `POST /feedback`: operators' verdicts, `{"sha256", "label", "operator"}` or a list of them, appended to the
+  prediction log (committed before the answer);
 - `GET /metrics`: Prometheus, all processes together (`metrics.py`);
 - `POST /v2/webhooks/mlflow` (when `endpoint.webhook_secret_env` is set): MLflow's model-registry webhook; a
   valid signature wakes the follower, which then reads the alias from the registry itself (the webhook's body
   is a hint, never trusted to name a version).
 
 With a token, every route but the health routes and the webhook needs `Authorization: Bearer <token>`.
+
+The pilot: while the version holding `pilot` is in canary (`target.json`), each image whose sha256
+`routes_to_candidate` sends to it is marked for it (the worker answers it with the pilot if it holds that version);
+while it is in shadow, every image the champion answered is offered to the shadow's queue after the answer. Every
+answer is recorded in the prediction log after it was sent (`recorder.py`); the station is `endpoint.station`, or
+the request's `X-Vitops-Station` header.
 """
 
 from __future__ import annotations
@@ -34,11 +42,14 @@ from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from vitops.deploy import oip
+from vitops.deploy.guardrails import routes_to_candidate
 from vitops.deploy.image_input import InputError, Limits, check_body_size, decode_image, image_content_type
 from vitops.flows.endpoint import metrics, state
+from vitops.flows.endpoint.recorder import STATION_HEADER, Answered, Recorder, check_station, feedback_items
 
 log = logging.getLogger("vitops.endpoint")
 WEBHOOK = "/v2/webhooks/mlflow"
@@ -68,10 +79,10 @@ class EndpointRoutes(LitSpec):
     """The routes of one served model."""
 
     def __init__(self, name: str, alias: str, state_dir: Path, limits: Limits, timeout_s: float,
-                 webhook_secret: str | None = None) -> None:  # fmt: skip
+                 webhook_secret: str | None = None, recorder: Recorder | None = None) -> None:  # fmt: skip
         super().__init__()
         self.name, self.alias, self.state_dir, self.limits = name, alias, Path(state_dir), limits
-        self.timeout_s, self.webhook_secret = timeout_s, webhook_secret
+        self.timeout_s, self.webhook_secret, self.recorder = timeout_s, webhook_secret, recorder
         self._snapshot_at, self._snapshot = 0.0, {}
         self.api_path = "/predict"  # LitServe's name for this spec's queue
         for path, handler, methods in [
@@ -84,6 +95,7 @@ class EndpointRoutes(LitSpec):
             ("/v2/models/{model}/infer", self.infer, ["POST"]),
             ("/v2/models/{model}/versions/{version}/infer", self.infer, ["POST"]),
             ("/predict", self.predict, ["POST"]),
+            ("/feedback", self.feedback, ["POST"]),
             ("/metrics", self.metrics, ["GET"]),
         ]:
             self.add_endpoint(path, handler, methods)
@@ -139,6 +151,7 @@ class EndpointRoutes(LitSpec):
             "registry": {k: follower.get(k) for k in ("registry_version", "registry_error", "checked_at", "poll_s")},
             "checking": candidate and {"version": candidate["version"], "phase": candidate["phase"]},
             "refused": follower.get("refused"),
+            "pilot": self._pilot_view(snap),
         }
         return JSONResponse(body)
 
@@ -150,11 +163,15 @@ class EndpointRoutes(LitSpec):
             if _media(request) != "application/json":
                 raise InputError(f"an infer request is JSON: send Content-Type application/json, not "
                                  f"{_media(request) or 'none'}", 415)  # fmt: skip
+            station = self._station(request)
             parsed = await run_in_threadpool(self._parse_infer, body)
-            out = await self._run(parsed.images, version)
+            out = await self._run(parsed.images, version, parsed.sha256)
+            answered = self._answered(start, station, parsed.sha256, parsed.images, parsed.files, out)
             answers = oip.Answers(out["labels"], out["confidence"], out["probabilities"])
-            response = oip.infer_response(self.name, out["version"], parsed, answers)
-            return self._answer("infer", start, JSONResponse(response), out)
+            parameters = {"sha256": parsed.sha256, "request_id": answered.request_ids, "route": out["routes"],
+                          "version": out["versions"]}  # fmt: skip
+            response = oip.infer_response(self.name, out["version"], parsed, answers, parameters)
+            return self._answer("infer", start, self._respond(response, answered), out["version"], out["engine"])
         except InputError as err:
             return self._answer("infer", start, _error(err.status, str(err)))
 
@@ -162,20 +179,53 @@ class EndpointRoutes(LitSpec):
         """One image: the raw body (image/png or image/jpeg) or the one file of a multipart form."""
         start = time.perf_counter()
         try:
+            station = self._station(request)
             data = await self._image_bytes(request)
+            sha = hashlib.sha256(data).hexdigest()
             image = await run_in_threadpool(decode_image, data, self.limits.max_pixels, "the image")
-            out = await self._run([image], None)
+            out = await self._run([image], None, [sha])
+            answered = self._answered(start, station, [sha], [image], [data], out)
             probs = out["probabilities"][0]
             body = {
                 "label": out["labels"][0],
                 "confidence": float(out["confidence"][0]),
                 "probabilities": {c: float(p) for c, p in zip(out["classes"], probs, strict=True)},
-                "version": out["version"],
-                "engine": out["engine"],
+                "version": out["versions"][0],
+                "engine": out["engines"][0],
+                "sha256": sha,
+                "request_id": answered.request_ids[0],
+                "route": out["routes"][0],
             }
-            return self._answer("predict", start, JSONResponse(body), out)
+            response = self._respond(body, answered)
+            return self._answer("predict", start, response, out["versions"][0], out["engines"][0])
         except InputError as err:
             return self._answer("predict", start, _error(err.status, str(err)))
+
+    async def feedback(self, request: Request) -> Response:
+        """Operators' verdicts: `{"sha256": ..., "label": ..., "operator": ...}` or a list of them, each label one of
+        the served classes; appended to the prediction log and committed before the answer."""
+        try:
+            station = self._station(request)
+            body = await self._body(request)
+            if _media(request) != "application/json":
+                raise InputError("feedback is JSON: send Content-Type application/json", 415)
+            try:
+                doc = json.loads(body)
+            except ValueError as err:
+                raise InputError(f"the body is not JSON: {err}") from None
+            serving = self._serving()
+            if not serving:
+                raise InputError(f"{self.name} is not loaded yet", 503)
+            items = feedback_items(doc, serving["classes"])
+            if self.recorder is None:
+                raise InputError("this endpoint keeps no prediction log", 503)
+            try:
+                await run_in_threadpool(self.recorder.feedback, items, station, time.time())
+            except ValueError as err:  # LogError: the log cannot commit now
+                raise InputError(f"feedback not recorded: {err}", 503) from None
+            return JSONResponse({"accepted": len(items)})
+        except InputError as err:
+            return _error(err.status, str(err))
 
     async def metrics(self) -> Response:
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -200,13 +250,18 @@ class EndpointRoutes(LitSpec):
         try:
             event = json.loads(body)
             data = event.get("data") or {}
-            ours = event.get("entity") == "model_version_alias" and (data.get("name"), data.get("alias")) == (
-                self.name, self.alias)  # fmt: skip
+            watched = (self.alias, "pilot") if self.alias == "champion" else (self.alias,)
+            entity, ours = event.get("entity"), data.get("name") == self.name
+            if entity == "model_version_alias":
+                ours = ours and data.get("alias") in watched
+            else:  # the pilot flow's stage tags: a new stage starts at once
+                ours = ours and entity == "model_version_tag" and "pilot" in watched
+                ours = ours and str(data.get("key", "")).startswith("pilot.")
         except (ValueError, AttributeError):
             return _error(400, "the webhook's body is not an MLflow event")
         if ours:
             state.wake(self.state_dir)
-            log.info("webhook: %s@%s %s; reading the registry now", self.name, self.alias, event.get("action"))
+            log.info("webhook: %s %s %s; reading the registry now", self.name, entity, event.get("action"))
         return JSONResponse({"accepted": bool(ours)})
 
     # -- helpers ------------------------------------------------------------------------------------------------
@@ -252,12 +307,18 @@ class EndpointRoutes(LitSpec):
             raise InputError(f"the body is not JSON: {err}") from None
         return oip.parse_infer_request(doc, self.limits)
 
-    async def _run(self, images: list[Any], version: str | None) -> dict[str, Any]:
-        """Queue decoded images for a worker and wait for its answer (504 past `timeout_s`)."""
+    async def _run(self, images: list[Any], version: str | None, hashes: list[str]) -> dict[str, Any]:
+        """Queue decoded images for a worker and wait for its answer (504 past `timeout_s`). In a canary, the images
+        that `routes_to_candidate` picks by their hash are marked for the pilot (unless a version was asked for)."""
         uid = str(uuid.uuid4())
         event = asyncio.Event()
+        payload: dict[str, Any] = {"images": images, "version": version}
+        pilot = self._pilot()
+        if version is None and pilot and pilot.get("stage") == "canary":
+            fraction = float(pilot.get("fraction") or 0.0)
+            payload |= {"pilot": pilot["version"], "canary": [routes_to_candidate(h, fraction) for h in hashes]}
         self.response_buffer[uid] = ResponseBufferItem(event=event)
-        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), {"images": images, "version": version}))
+        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), payload))
         try:
             await asyncio.wait_for(event.wait(), self.timeout_s)
         except TimeoutError:
@@ -271,10 +332,34 @@ class EndpointRoutes(LitSpec):
             raise InputError(response["error"], response["status"])
         return response
 
-    def _answer(self, route: str, start: float, response: Response, out: dict | None = None) -> Response:
+    def _answered(self, start: float, station: str, hashes: list[str], images: list[Any], files: list[Any],
+                  out: dict[str, Any]) -> Answered:  # fmt: skip
+        """What the recorder needs of an answer, with a request id per image; counts the answers by route."""
+        for route, version in zip(out["routes"], out["versions"], strict=True):
+            metrics.ROUTED.labels(self.name, version, route).inc()
+        for _ in out["pilot_errors"]:
+            metrics.PILOT_ERRORS.labels(self.name, out["pilot_version"], "canary").inc()
+        pilot = self._pilot()
+        shadow = pilot if pilot and pilot.get("stage") == "shadow" else None
+        return Answered(time.time(), (time.perf_counter() - start) * 1000.0, station,
+                        [uuid.uuid4().hex for _ in hashes], hashes, images, files, out, shadow)  # fmt: skip
+
+    def _respond(self, body: dict[str, Any], answered: Answered) -> Response:
+        """The answer, with its recording (log, kept images, shadow) run after it was sent."""
+        task = BackgroundTask(self.recorder.record, answered) if self.recorder is not None else None
+        return JSONResponse(body, background=task)
+
+    def _station(self, request: Request) -> str:
+        header = request.headers.get(STATION_HEADER)
+        if header is not None:
+            return check_station(header.strip())
+        return self.recorder.settings.station if self.recorder is not None else ""
+
+    def _answer(self, route: str, start: float, response: Response, version: str | None = None,
+                engine: str | None = None) -> Response:  # fmt: skip
         serving = self._serving() or {}
-        version = (out or {}).get("version") or serving.get("version", "")
-        engine = (out or {}).get("engine") or serving.get("engine", "")
+        version = version or serving.get("version", "")
+        engine = engine or serving.get("engine", "")
         metrics.REQUESTS.labels(self.name, version, engine, route).inc()
         if response.status_code >= 400:
             metrics.ERRORS.labels(self.name, version, engine, route, str(response.status_code)).inc()
@@ -288,6 +373,7 @@ class EndpointRoutes(LitSpec):
                 "target": state.read(state.target_file(self.state_dir)),
                 "follower": state.read(state.follower_file(self.state_dir)),
                 "workers": state.workers(self.state_dir),
+                "shadow": state.read(state.shadow_file(self.state_dir)),
             }
             self._snapshot_at = now
         return self._snapshot
@@ -298,6 +384,31 @@ class EndpointRoutes(LitSpec):
         want = (snap["target"].get("serving") or {}).get("version")
         live = [w for _, w in sorted(snap["workers"].items()) if w.get("version")]
         return next((w for w in live if w["version"] == want), live[0] if live else None)
+
+    def _pilot(self) -> dict[str, Any] | None:
+        """The pilot beside the champion (`target.json`): version, path, stage, fraction; None when there is none."""
+        return self._read_state()["target"].get("pilot")
+
+    def _pilot_view(self, snap: dict[str, Any]) -> dict[str, Any]:
+        """`GET /v2/models/NAME`'s `pilot`: the version, stage and fraction, who holds it, the shadow's queue, and the
+        last guardrail breach."""
+        pilot = snap["target"].get("pilot") or {}
+        shadow = snap["shadow"]
+        view: dict[str, Any] = {k: pilot.get(k) for k in ("version", "stage", "fraction", "since")}
+        view["workers"] = [w.get("pilot_version") for _, w in sorted(snap["workers"].items())]
+        view["failed"] = next((w["pilot_failed"] for w in snap["workers"].values() if w.get("pilot_failed")), None)
+        channel = self.recorder.shadow if self.recorder is not None else None
+        view["shadow"] = {
+            "version": shadow.get("version"),
+            "scored": shadow.get("scored", 0),
+            "failed": shadow.get("failed", 0),
+            "dropped_not_loaded": shadow.get("dropped_not_loaded", 0),
+            "refused": shadow.get("refused"),
+            **(channel.counts() if channel is not None else {}),
+        }
+        view["guardrails"] = snap["follower"].get("guardrails")
+        view["breach"] = snap["follower"].get("breach")
+        return view
 
 
 def _media(request: Request) -> str:

@@ -7,10 +7,13 @@ The processes of one endpoint, and why:
 - the first fetch and then the follower (`follower.py`), each in a spawned process: they talk to the registry;
 - LitServe's inference workers (`worker.py`), spawned, `endpoint.workers` per device: each holds the served
   version and swaps it in place;
-- LitServe's API servers (`routes.py`), forked, `endpoint.api_servers`: HTTP, decoding, checks, metrics.
+- LitServe's API servers (`routes.py`), forked, `endpoint.api_servers`: HTTP, decoding, checks, metrics, and
+  the prediction log of every answer (`recorder.py`, one log per process, made after the fork);
+- the shadow (`shadow.py`), spawned, at nice 19: scores the pilot in shadow off the response path, fed by a bounded
+  queue made here before the fork (only when serving `champion`, the one alias that has a pilot beside it).
 
-Stopping: Ctrl+C or SIGTERM ends LitServe's processes, then the follower, and removes the state folder; the
-verified downloads stay in `endpoint.cache_dir`.
+Stopping: Ctrl+C or SIGTERM ends LitServe's processes (each API server commits its log as it ends), then the
+follower and the shadow, and removes the state folder; the verified downloads stay in `endpoint.cache_dir`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Callable
@@ -27,7 +31,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from vitops.flows.config import EndpointParams
+from vitops.flows.config import EndpointParams, PilotParams, PredictionLogParams
 
 log = logging.getLogger("vitops.endpoint")
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe binds
@@ -46,8 +50,12 @@ def serve(
     tracking_uri: str,
     announce: Callable[[str], None] = print,
     verbose: bool = False,
+    log_params: PredictionLogParams | None = None,
+    pilot_params: PilotParams | None = None,
 ) -> None:
-    """Serve `name@alias` on `host:port` until interrupted.
+    """Serve `name@alias` on `host:port` until interrupted; with `champion`, pilot `pilot` beside it (shadow or
+    canary, by the version's stage tag) and judge it by `pilot_params.online`. Every answer is logged to
+    `log_params.dir`.
 
     Raises:
         EndpointError: a setting that cannot work (host, port, a token variable that is not set), or a version
@@ -63,6 +71,8 @@ def serve(
     if not 1024 <= port <= 65535:
         raise EndpointError(f"--port {port}: use a port from 1024 to 65535 (a reverse proxy can own port 80/443)")
     token, secret = _secret(settings.token_env, "token_env"), _secret(settings.webhook_secret_env, "webhook_secret_env")
+    log_settings = _log_settings(log_params or PredictionLogParams(), settings.station or socket.gethostname())
+    pilot_params = pilot_params or PilotParams()
     if "prometheus_client" in sys.modules:
         raise EndpointError("prometheus_client was imported before the endpoint set PROMETHEUS_MULTIPROC_DIR")
     state_dir = Path(tempfile.mkdtemp(prefix="vitops-endpoint-"))
@@ -70,25 +80,42 @@ def serve(
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(state_dir / "metrics")  # before any process imports the client
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no download bars in a service log
-    follower_proc = None
+    follower_proc = shadow_proc = None
     try:
+        from vitops.deploy.online_guardrails import OnlineRules
+        from vitops.flows.endpoint import shadow
         from vitops.flows.endpoint.follower import FollowerConfig, first_version, follow
+        from vitops.flows.endpoint.watch import PilotSettings
 
+        pilot = PilotSettings(log_settings, OnlineRules.from_params(pilot_params.online),
+                              pilot_params.online.check_every_s, pilot_params.canary_fraction)  # fmt: skip
         cfg = FollowerConfig(name, alias, settings.poll_s, settings.swap_timeout_s,
-                             Path(settings.cache_dir).expanduser(), state_dir, 0, tracking_uri, verbose)  # fmt: skip
+                             Path(settings.cache_dir).expanduser(), state_dir, 0, tracking_uri, verbose,
+                             pilot if alias == "champion" else None)  # fmt: skip
         ctx = mp.get_context("spawn")
         with ProcessPoolExecutor(1, mp_context=ctx) as pool:  # MLflow stays out of the process LitServe forks
             serving = pool.submit(first_version, cfg).result()
-        server, n_workers = _litserver(name, alias, state_dir, settings, token, secret, verbose)
+        channel = None
+        if alias == "champion":  # made before LitServe forks its API servers, which inherit it
+            channel = shadow.ShadowChannel(name, settings.shadow_queue, ctx)
+            shadow_cfg = shadow.ShadowConfig(name, state_dir, log_settings, settings.max_batch_size,
+                                             settings.warmup_iters, settings.max_pixels, verbose)  # fmt: skip
+            shadow_proc = ctx.Process(target=shadow.run, args=(shadow_cfg, channel.queue), name="vitops-shadow")
+            shadow_proc.daemon = True
+            shadow_proc.start()
+        server, n_workers = _litserver(name, alias, state_dir, settings, token, secret, verbose, log_settings,
+                                       channel)  # fmt: skip
         follower_proc = ctx.Process(target=follow, args=(_with(cfg, n_workers=n_workers),), name="vitops-follower")
         follower_proc.daemon = True
         follower_proc.start()
         auth = "bearer token required" if token else "no auth"
+        piloted = " with @pilot beside it (shadow or canary, as its stage says)" if alias == "champion" else ""
         announce(
-            f"vitops endpoint: {name}@{alias} = version {serving['version']} on http://{host}:{port} ({auth}; "
-            f"{n_workers} worker(s), batches of up to {settings.max_batch_size}); follows @{alias} every "
-            f"{settings.poll_s:g} s{' and on MLflow webhooks' if secret else ''}. Routes: /predict, "
-            f"/v2/models/{name}[/infer], /v2/health/ready, /metrics. Ctrl+C stops."
+            f"vitops endpoint: {name}@{alias} = version {serving['version']}{piloted} on http://{host}:{port} "
+            f"({auth}; {n_workers} worker(s), batches of up to {settings.max_batch_size}); follows @{alias} every "
+            f"{settings.poll_s:g} s{' and on MLflow webhooks' if secret else ''}. Routes: /predict, /feedback, "
+            f"/v2/models/{name}[/infer], /v2/health/ready, /metrics. Logs every answer to {log_settings.folder} "
+            f"as station {log_settings.station}. Ctrl+C stops."
         )
         main_pid = os.getpid()
         signal.signal(signal.SIGTERM, lambda signum, frame: _interrupt(main_pid, signum))
@@ -106,24 +133,42 @@ def serve(
         except RuntimeError as err:
             raise EndpointError(_start_failure(state_dir, err)) from None
     finally:
-        if follower_proc is not None and follower_proc.is_alive():
-            follower_proc.terminate()
-            follower_proc.join(5)
+        for proc in (follower_proc, shadow_proc):
+            if proc is not None and proc.is_alive():
+                proc.terminate()  # the shadow commits its log on SIGTERM
+                proc.join(10)
+                if proc.is_alive():
+                    proc.kill()
         shutil.rmtree(state_dir, ignore_errors=True)
 
 
+def _log_settings(params: PredictionLogParams, station: str) -> Any:
+    from vitops.flows.endpoint.recorder import LogSettings
+
+    folder = Path(params.dir).expanduser().resolve()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise EndpointError(f"prediction_log.dir {folder}: cannot create it ({err}); point it at a writable folder")
+    if not os.access(folder, os.W_OK):
+        raise EndpointError(f"prediction_log.dir {folder} is not writable by this user; point it at a writable folder")
+    return LogSettings(folder, params.flush_s, params.keep_images, params.keep_below_confidence, station)
+
+
 def _litserver(name: str, alias: str, state_dir: Path, settings: EndpointParams, token: str | None,
-               secret: str | None, verbose: bool) -> tuple[Any, int]:  # fmt: skip
+               secret: str | None, verbose: bool, log_settings: Any, channel: Any) -> tuple[Any, int]:  # fmt: skip
     import litserve as ls
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
 
     from vitops.deploy.image_input import Limits
+    from vitops.flows.endpoint.recorder import Recorder
     from vitops.flows.endpoint.routes import EndpointRoutes
     from vitops.flows.endpoint.worker import ClassifierAPI
 
     limits = Limits(settings.max_pixels, int(settings.max_body_mb * 2**20), settings.max_batch_images)
-    routes = EndpointRoutes(name, alias, state_dir, limits, settings.timeout_s, secret)
+    recorder = Recorder(name, log_settings, channel)
+    routes = EndpointRoutes(name, alias, state_dir, limits, settings.timeout_s, secret, recorder)
     api = ClassifierAPI(name, state_dir, settings.max_batch_size, settings.batch_timeout, settings.warmup_iters,
                         token, routes, verbose)  # fmt: skip
     server = ls.LitServer(

@@ -4,13 +4,17 @@ LitServe runs inference in worker processes and HTTP in API-server processes; th
 of its own. They share nothing but this folder (each file written atomically, so a reader sees the old or the
 new one):
 
-- `target.json` (follower): `serving`, the version every worker must serve (`version`, `path`), and
-  `candidate`, a version being checked beside it (`seq`, `version`, `path`, `phase`: `stage` or `abort`).
-  The follower commits a candidate by making it `serving`.
-- `worker-<id>.json` (each worker): the version it serves (`version`, `engine`, `classes`, `img_size`) and what
-  became of the last candidate it staged (`seq`, `version`, `ok`, `check`, `reason`).
+- `target.json` (follower): `serving`, the version every worker must serve (`version`, `path`),
+  `candidate`, a version being checked beside it (`seq`, `version`, `path`, `phase`: `stage` or `abort`), and
+  `pilot`, the version piloted beside the champion (`version`, `path`, `stage`: `shadow` or `canary`,
+  `fraction`, `since`) or null. The follower commits a candidate by making it `serving`.
+- `worker-<id>.json` (each worker): the version it serves (`version`, `engine`, `classes`, `img_size`), what
+  became of the last candidate it staged (`seq`, `version`, `ok`, `check`, `reason`), and the canary's pilot it
+  holds (`pilot_version`, `pilot_engine`, `pilot_failed`).
 - `follower.json` (follower): the alias, where the registry last said it points, when it was last read, the
-  last registry error, and the last refused version with its failed check and reason.
+  last registry error, the last refused version with its failed check and reason, the pilot's last guardrail
+  checks (`guardrails`) and its last breach (`breach`).
+- `shadow.json` (the shadow process): the pilot it holds in shadow and the images it scored, failed and dropped.
 - `wake` (an API server, on a signed webhook): asks the follower to read the registry now.
 """
 
@@ -45,6 +49,10 @@ def target_file(folder: Path) -> Path:
 
 def follower_file(folder: Path) -> Path:
     return folder / "follower.json"
+
+
+def shadow_file(folder: Path) -> Path:
+    return folder / "shadow.json"
 
 
 def worker_file(folder: Path, worker_id: int) -> Path:

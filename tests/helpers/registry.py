@@ -32,14 +32,20 @@ class Release:
     model: torch.nn.Module
 
 
-def build_release(out: Path, seed: int = 0) -> Release:
-    """A tiny ViT (32 px, 1 block) as a model folder, its ONNX export and an FP32 ONNX Runtime engine."""
+def build_release(out: Path, seed: int = 0, head_shift: int = 0) -> Release:
+    """A tiny ViT (32 px, 1 block) as a model folder, its ONNX export and an FP32 ONNX Runtime engine.
+
+    `head_shift` rolls the classifier's rows: the release then names class (k + shift) where the unshifted one of
+    the same seed names class k, with the same confidence, so the two disagree on every image."""
     import timm
 
     torch.manual_seed(seed)
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=len(CLASSES))
     with torch.no_grad():
         model.head.weight.mul_(20.0)  # margins like a trained model's, so argmax is stable across runtimes
+        if head_shift:
+            model.head.weight.copy_(torch.roll(model.head.weight, head_shift, dims=0))
+            model.head.bias.copy_(torch.roll(model.head.bias, head_shift, dims=0))
     model.eval()
     meta = ModelMeta(
         model="vit_tiny_patch16_224",
