@@ -1,6 +1,7 @@
 """Load on the line-side endpoint against `mlflow models serve` of the same version, then across an alias move.
 
     python bench/endpoint_load.py [--clients 8] [--seconds 30] [--image FILE] [--model NAME] [--dry-run]
+    python bench/endpoint_load.py --shadow [--rate R] [--rounds 2] [--seconds 30]
 
 The quickstart model (`tracking.registered_model` at `MLFLOW_TRACKING_URI` or `tracking.uri`, after `make run`):
 its `champion`, else its `candidate`. The user's model and aliases are left alone: the bench registers two
@@ -19,6 +20,14 @@ Targets on 2 CPU cores (issue 19): at least 3x the throughput of `mlflow models 
 0 failed requests across a swap; p99 during the swap at most 2x the p99 before. Run it alone: the servers and
 the clients share the cores, so anything else running skews every number. `--dry-run` prints the plan only;
 `--seconds 3` is a smoke test.
+
+`--shadow` (issue 20) measures what a pilot in shadow costs the champion instead: one endpoint, a steady request
+rate below saturation (`--rate`, default half the req/s that `--clients` closed-loop clients reach in a short
+probe) sent open-loop (each request at its scheduled time, latency counted from then), distinct PNGs on
+`/predict`, for `--seconds` without a pilot and `--seconds` with the second bench version in shadow, `--rounds`
+times in alternation, each phase 3 s after the switch (steady state: the pilot's loading is over). It prints
+p50/p95/p99 without and with the shadow, their ratio, and the images the shadow scored and dropped. Target: the
+champion's p95 with the shadow at most 1.1x its p95 without.
 """
 
 from __future__ import annotations
@@ -47,6 +56,9 @@ def main() -> int:
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     parser.add_argument("--workdir", type=Path, default=ROOT / "build" / "bench" / "endpoint")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    parser.add_argument("--shadow", action="store_true", help="the champion's latency without and with a shadow")
+    parser.add_argument("--rate", type=float, help="--shadow: requests/s (default: half the probed throughput)")
+    parser.add_argument("--rounds", type=int, default=2, help="--shadow: alternations of without and with")
     args = parser.parse_args()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")
@@ -58,6 +70,8 @@ def main() -> int:
     name = args.model or params.tracking.registered_model
     png = args.image.read_bytes() if args.image else _png()
     pixels = np.asarray(_decode(png))
+    if args.shadow:
+        return _shadow_bench(args, params, name)
     plan = (f"{args.clients} clients x {args.seconds:g} s against vitops endpoint (/predict PNG, OIP UINT8) and "
             f"mlflow models serve (UINT8), then a swap under load; model {name} at {os.environ['MLFLOW_TRACKING_URI']}"
             f", image {pixels.shape[1]}x{pixels.shape[0]}")  # fmt: skip
@@ -68,9 +82,7 @@ def main() -> int:
     bench_name, first, second = _bench_versions(name)
     args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="run-", dir=args.workdir))
-    endpoint = params.endpoint.model_dump(mode="json") | {"poll_s": 1.0, "cache_dir": str(work / "cache")}
-    endpoint = {k: v for k, v in endpoint.items() if k not in ("token_env", "webhook_secret_env")}
-    (work / "params.yaml").write_text("endpoint:\n" + "".join(f"  {k}: {v}\n" for k, v in endpoint.items()))
+    _write_params(work, params)
     ours, theirs = _free_port(), _free_port()
     procs = [
         _start([sys.executable, "-m", "vitops", "--params", str(work / "params.yaml"), "endpoint", bench_name,
@@ -128,6 +140,142 @@ async def _load(url: str, kw: dict, clients: int, seconds: float, move: tuple[st
 
     await asyncio.gather(*(client() for _ in range(clients)), *([mover()] if move else []))
     return {"rows": rows, "seconds": seconds, "moved_at": moved_at[0] if moved_at else None, "to": move and move[1]}
+
+
+def _write_params(work: Path, params: object) -> None:
+    """The bench endpoint's params.yaml: params.yaml's endpoint (no auth, poll_s 1 s), its log under `work`."""
+    import yaml
+
+    endpoint = params.endpoint.model_dump(mode="json") | {"poll_s": 1.0, "cache_dir": str(work / "cache")}
+    endpoint = {k: v for k, v in endpoint.items() if k not in ("token_env", "webhook_secret_env")}
+    log = params.prediction_log.model_dump(mode="json") | {"dir": str(work / "prediction-log")}
+    (work / "params.yaml").write_text(yaml.safe_dump({"endpoint": endpoint, "prediction_log": log}))
+
+
+def _shadow_bench(args: argparse.Namespace, params: object, name: str) -> int:
+    """The champion's p50/p95/p99 at a steady rate without and with the second bench version in shadow."""
+    from mlflow import MlflowClient
+
+    images = [_png(seed) for seed in range(64)]
+    plan = (f"shadow cost: {args.rounds} x ({args.seconds:g} s without + {args.seconds:g} s with a shadow) at "
+            f"{f'{args.rate:g} req/s' if args.rate else 'half the probed req/s'}, open loop, 64 distinct PNGs on "
+            f"/predict; model {name} at {os.environ['MLFLOW_TRACKING_URI']}; CPU {_cpu()}")  # fmt: skip
+    if args.dry_run:
+        print("plan:", plan)
+        return 0
+    print(plan, flush=True)
+    bench_name, first, second = _bench_versions(name)
+    client = MlflowClient()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="shadow-", dir=args.workdir))
+    _write_params(work, params)
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = _start([sys.executable, "-m", "vitops", "--params", str(work / "params.yaml"), "endpoint", bench_name,
+                   "--port", str(port)], f"{base}/v2/health/ready", work / "endpoint.log")  # fmt: skip
+    try:
+        rate = args.rate
+        if not rate:
+            probe = asyncio.run(_load(f"{base}/predict", _body(images[0]), args.clients, min(10.0, args.seconds)))
+            rate = 0.5 * _stats(probe["rows"], probe["seconds"])["rps"]
+            print(f"probe: {2 * rate:.1f} req/s with {args.clients} closed-loop clients; sending {rate:.1f} req/s",
+                  flush=True)  # fmt: skip
+        phases: dict[str, list] = {"without": [], "with": []}
+        shadow = {"scored": 0, "dropped": 0}
+        for _ in range(args.rounds):
+            _pilot(client, base, bench_name, second, on=False)
+            time.sleep(3.0)  # steady state: the shadow's last images and the pilot's loading are over
+            phases["without"] += asyncio.run(_open_loop(f"{base}/predict", images, rate, args.seconds))
+            _pilot(client, base, bench_name, second, on=True)
+            time.sleep(3.0)
+            before = _pilot(client, base, bench_name, second, on=True)
+            phases["with"] += asyncio.run(_open_loop(f"{base}/predict", images, rate, args.seconds))
+            time.sleep(2.0)  # the shadow's last images
+            after = _pilot(client, base, bench_name, second, on=True)
+            shadow["scored"] += after["scored"] - before["scored"]
+            shadow["dropped"] += sum(after.get(k, 0) - before.get(k, 0) for k in ("dropped_full", "dropped_not_loaded"))
+        _pilot(client, base, bench_name, second, on=False)
+        _shadow_table(phases, shadow, rate, args.rounds * args.seconds)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    return 0
+
+
+def _pilot(client: object, base: str, name: str, version: str, on: bool) -> dict:
+    """Put `version` in shadow (or take `pilot` away) and wait until the endpoint has; the shadow's counts."""
+    import httpx
+
+    if on:
+        from datetime import UTC, datetime
+
+        client.set_model_version_tag(name, version, "pilot.stage", "shadow")
+        client.set_model_version_tag(name, version, "pilot.stage_since", datetime.now(UTC).isoformat())
+        client.set_registered_model_alias(name, "pilot", version)
+    elif "pilot" in client.get_registered_model(name).aliases:
+        client.delete_registered_model_alias(name, "pilot")
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        pilot = httpx.get(f"{base}/v2/models/{name}", timeout=10).json()["pilot"]
+        if (pilot["shadow"]["version"] == version) if on else (pilot["version"] is None):
+            return pilot["shadow"]
+        time.sleep(0.5)
+    raise SystemExit(f"the endpoint did not {'start' if on else 'stop'} the shadow of version {version} in 180 s")
+
+
+async def _open_loop(url: str, images: list[bytes], rate: float, seconds: float) -> list:
+    """`rate` requests/s for `seconds`, each sent at its scheduled time whatever the earlier ones do; latency counts
+    from the scheduled time, so a stalled server is not hidden by a client that waited for it."""
+    import httpx
+
+    rows: list[tuple[float, float, int, str]] = []
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+
+        async def one(i: int, due: float) -> None:
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            try:
+                r = await http.post(url, **_body(images[i % len(images)]))
+                rows.append((due, time.monotonic() - due, r.status_code, ""))
+            except httpx.HTTPError:
+                rows.append((due, time.monotonic() - due, 0, ""))
+
+        start = time.monotonic() + 0.5
+        n = int(rate * seconds)
+        await asyncio.gather(*(one(i, start + i / rate) for i in range(n)))
+    return rows
+
+
+def _body(png: bytes) -> dict:
+    return {"content": png, "headers": {"Content-Type": "image/png"}}
+
+
+def _shadow_table(phases: dict, shadow: dict, rate: float, seconds: float) -> None:
+    stats = {k: _stats(rows, seconds) for k, rows in phases.items()}
+    print(f"\nchampion at {rate:.1f} req/s, open loop, {seconds:g} s per phase (all rounds)")
+    print(f"{'phase':14} {'answers':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>7} {'shadow scored':>14} "
+          f"{'shadow dropped':>15}")  # fmt: skip
+    for phase, s in stats.items():
+        scored, dropped = (shadow["scored"], shadow["dropped"]) if phase == "with" else ("-", "-")
+        print(f"{phase + ' shadow':14} {len(phases[phase]):8d} {s['p50']:8.2f} {s['p95']:8.2f} {s['p99']:8.2f} "
+              f"{s['errors']:7d} {scored!s:>14} {dropped!s:>15}")  # fmt: skip
+    w, wo = stats["with"], stats["without"]
+    print(f"{'with/without':14} {'':8} {w['p50'] / wo['p50']:7.2f}x {w['p95'] / wo['p95']:7.2f}x "
+          f"{w['p99'] / wo['p99']:7.2f}x")  # fmt: skip
+    ratio = w["p95"] / wo["p95"]
+    print(f"target: p95 with the shadow <= 1.1x without: {'met' if ratio <= 1.1 else 'MISSED'} ({ratio:.2f}x)")
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    import platform
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def _stats(rows: list, seconds: float) -> dict:
@@ -207,11 +355,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _png() -> bytes:
+def _png(seed: int = 0) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
 
 

@@ -94,6 +94,8 @@ def follow(cfg: FollowerConfig) -> None:
 
     watch = None
     if cfg.alias == "champion" and cfg.pilot is not None:
+        # reading the log and judging the window is no work for the cores that answer requests
+        os.nice(10)
         watch = PilotWatch(cfg.name, cfg.state_dir, cfg.cache_dir, cfg.pilot)
     refused: dict[str, str] = {}  # version -> why, forgotten once the alias points elsewhere
     seq, next_read = 0, 0.0

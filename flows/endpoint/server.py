@@ -132,13 +132,18 @@ def serve(
             pass  # a stop signal while LitServe was starting or stopping: the finally below still cleans up
         except RuntimeError as err:
             raise EndpointError(_start_failure(state_dir, err)) from None
+        finally:
+            # LitServe's processes are gone; its worker-monitoring thread may still wake up and find its manager
+            # shut down, a race of LitServe's own that it logs as a crash
+            logging.getLogger("litserve.server").disabled = True
     finally:
-        for proc in (follower_proc, shadow_proc):
-            if proc is not None and proc.is_alive():
-                proc.terminate()  # the shadow commits its log on SIGTERM
-                proc.join(10)
-                if proc.is_alive():
-                    proc.kill()
+        helpers = [p for p in (follower_proc, shadow_proc) if p is not None and p.is_alive()]
+        for proc in helpers:
+            proc.terminate()  # the shadow commits its log on SIGTERM
+        for proc in helpers:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
         shutil.rmtree(state_dir, ignore_errors=True)
 
 

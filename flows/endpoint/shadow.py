@@ -5,8 +5,9 @@ offers every image the champion answered to a bounded queue (`ShadowChannel.offe
 with `put_nowait`): when the queue is full the image is dropped and counted, so the champion's answer is never
 delayed by the shadow. This process
 
-- runs at the lowest CPU priority (`nice 19`), pinned to one core, with one torch/OpenMP thread, so under
-  contention the champion's workers get the CPU;
+- runs at the lowest CPU priority (`nice 19`, and Linux's `SCHED_IDLE` policy, so a champion's process that wakes
+  up takes the core from it at once), pinned to one core, with one torch/OpenMP thread: under contention the
+  champion's workers get the CPU;
 - loads the pilot as the workers load a version (`served.load_checked`), drops it when the stage ends or a
   guardrail stops it, and drops queued images meant for another pilot version;
 - scores what is queued in batches of up to `endpoint.max_batch_size`, and appends one `shadow` record per image
@@ -92,6 +93,8 @@ def run(cfg: ShadowConfig, items: Any) -> None:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = "1"
     os.nice(19)
+    if hasattr(os, "SCHED_IDLE"):  # Linux: runs only on CPU time nobody else wants; a waking worker preempts it
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if len(cpus) > 1:
         os.sched_setaffinity(0, {cpus[-1]})  # every engine thread of the shadow shares one core

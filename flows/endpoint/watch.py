@@ -58,6 +58,11 @@ class PilotWatch:
         self._checked_at = 0.0
         self._plog: Any = None
         self._refused: dict[str, str] = {}  # version -> why it cannot be fetched (forgotten when pilot moves)
+        # imported now, at the endpoint's start: pandas costs a second of CPU, not to be paid when a pilot starts
+        import pandas  # noqa: F401
+
+        import vitops.deploy.online_guardrails  # noqa: F401
+        import vitops.deploy.prediction_log  # noqa: F401
 
     # -- which pilot ---------------------------------------------------------------------------------------------
 
