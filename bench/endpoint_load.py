@@ -22,12 +22,13 @@ the clients share the cores, so anything else running skews every number. `--dry
 `--seconds 3` is a smoke test.
 
 `--shadow` (issue 20) measures what a pilot in shadow costs the champion instead: one endpoint, a steady request
-rate below saturation (`--rate`, default half the req/s that `--clients` closed-loop clients reach in a short
-probe) sent open-loop (each request at its scheduled time, latency counted from then), distinct PNGs on
-`/predict`, for `--seconds` without a pilot and `--seconds` with the second bench version in shadow, `--rounds`
-times in alternation, each phase 3 s after the switch (steady state: the pilot's loading is over). It prints
-p50/p95/p99 without and with the shadow, their ratio, and the images the shadow scored and dropped. Target: the
-champion's p95 with the shadow at most 1.1x its p95 without.
+rate below saturation (`--rate`, default 40 % of the req/s that `--clients` closed-loop clients reach in a short
+probe, whose batches are fuller than an open loop's) sent open-loop (each request at its scheduled time, latency
+counted from then), distinct PNGs on `/predict`, for `--seconds` without a pilot and `--seconds` with the second
+bench version in shadow, `--rounds` times in alternation, each phase 3 s after the switch (steady state: the
+pilot's loading is over). It prints p50/p95/p99 without and with the shadow, their ratio, and the images the
+shadow scored and dropped, and says SATURATED when a phase fell behind its rate. Target: the champion's p95 with
+the shadow at most 1.1x its p95 without.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=ROOT / "build" / "bench" / "endpoint")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     parser.add_argument("--shadow", action="store_true", help="the champion's latency without and with a shadow")
-    parser.add_argument("--rate", type=float, help="--shadow: requests/s (default: half the probed throughput)")
+    parser.add_argument("--rate", type=float, help="--shadow: requests/s (default: 40%% of the probed throughput)")
     parser.add_argument("--rounds", type=int, default=2, help="--shadow: alternations of without and with")
     args = parser.parse_args()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -158,7 +159,7 @@ def _shadow_bench(args: argparse.Namespace, params: object, name: str) -> int:
 
     images = [_png(seed) for seed in range(64)]
     plan = (f"shadow cost: {args.rounds} x ({args.seconds:g} s without + {args.seconds:g} s with a shadow) at "
-            f"{f'{args.rate:g} req/s' if args.rate else 'half the probed req/s'}, open loop, 64 distinct PNGs on "
+            f"{f'{args.rate:g} req/s' if args.rate else '40 % of the probed req/s'}, open loop, 64 distinct PNGs on "
             f"/predict; model {name} at {os.environ['MLFLOW_TRACKING_URI']}; CPU {_cpu()}")  # fmt: skip
     if args.dry_run:
         print("plan:", plan)
@@ -177,19 +178,19 @@ def _shadow_bench(args: argparse.Namespace, params: object, name: str) -> int:
         rate = args.rate
         if not rate:
             probe = asyncio.run(_load(f"{base}/predict", _body(images[0]), args.clients, min(10.0, args.seconds)))
-            rate = 0.5 * _stats(probe["rows"], probe["seconds"])["rps"]
-            print(f"probe: {2 * rate:.1f} req/s with {args.clients} closed-loop clients; sending {rate:.1f} req/s",
+            rate = 0.4 * _stats(probe["rows"], probe["seconds"])["rps"]
+            print(f"probe: {rate / 0.4:.1f} req/s with {args.clients} closed-loop clients; sending {rate:.1f} req/s",
                   flush=True)  # fmt: skip
         phases: dict[str, list] = {"without": [], "with": []}
         shadow = {"scored": 0, "dropped": 0}
         for _ in range(args.rounds):
             _pilot(client, base, bench_name, second, on=False)
             time.sleep(3.0)  # steady state: the shadow's last images and the pilot's loading are over
-            phases["without"] += asyncio.run(_open_loop(f"{base}/predict", images, rate, args.seconds))
+            phases["without"] += _saturation(asyncio.run(_open_loop(f"{base}/predict", images, rate, args.seconds)))
             _pilot(client, base, bench_name, second, on=True)
             time.sleep(3.0)
             before = _pilot(client, base, bench_name, second, on=True)
-            phases["with"] += asyncio.run(_open_loop(f"{base}/predict", images, rate, args.seconds))
+            phases["with"] += _saturation(asyncio.run(_open_loop(f"{base}/predict", images, rate, args.seconds)))
             time.sleep(2.0)  # the shadow's last images
             after = _pilot(client, base, bench_name, second, on=True)
             shadow["scored"] += after["scored"] - before["scored"]
@@ -243,6 +244,16 @@ async def _open_loop(url: str, images: list[bytes], rate: float, seconds: float)
         start = time.monotonic() + 0.5
         n = int(rate * seconds)
         await asyncio.gather(*(one(i, start + i / rate) for i in range(n)))
+    return rows
+
+
+def _saturation(rows: list) -> list:
+    """Warn when a phase did not keep up with its rate: its last answer came over a second after its last request."""
+    if rows:
+        lag = max(due + seconds for due, seconds, _, _ in rows) - max(due for due, _, _, _ in rows)
+        if lag > 1.0:
+            print(f"SATURATED: the last answer came {lag:.1f} s after the last request; these numbers measure a "
+                  "backlog, not the shadow: run again with a lower --rate", flush=True)  # fmt: skip
     return rows
 
 
