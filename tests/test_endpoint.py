@@ -56,6 +56,7 @@ def endpoint(registry: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         "endpoint:\n  poll_s: 3600\n  max_batch_size: 4\n  max_pixels: 40000\n  max_body_mb: 0.25\n"
         f"  max_batch_images: 4\n  cache_dir: {work / 'cache'}\n  token_env: VITOPS_TEST_TOKEN\n"
         "  webhook_secret_env: VITOPS_TEST_SECRET\n  warmup_iters: 1\n"
+        f"prediction_log:\n  dir: {work / 'log'}\n"
     )
     port = free_port()
     env = os.environ | {"MLFLOW_TRACKING_URI": registry["url"], "VITOPS_TEST_TOKEN": TOKEN,

@@ -136,8 +136,9 @@ def test_shipped_deployments_match_params(repo_root: Path) -> None:
     assert nightly["schedules"] == [{"cron": params.retrain.cron, "timezone": params.retrain.timezone}]
     assert nightly["concurrency_limit"]["limit"] == 1
     entrypoints = {"nightly": "flows/retrain.py:retrain", "on-demand": "flows/retrain.py:retrain",
-                   "staged": "flows/pilot.py:pilot"}  # fmt: skip
+                   "staged": "flows/pilot.py:pilot", "daily": "flows/drift.py:drift"}  # fmt: skip
     assert {name: d["entrypoint"] for name, d in deployments.items()} == entrypoints
+    assert deployments["daily"]["schedules"] == [{"cron": params.drift.cron, "timezone": "UTC"}]
     assert all(d["work_pool"]["name"] == "vitops" for d in deployments.values())
     gpu = yaml.safe_load((repo_root / "prefect-gpu.yaml").read_text())["deployments"][0]
     assert gpu["entrypoint"] == "flows/retrain.py:retrain" and gpu["parameters"]["nproc_per_node"] > 1
