@@ -242,10 +242,12 @@ def tag_stage(name: str, version: str, stage: str, fraction: float | None = None
         The stage's start as recorded (ISO 8601 UTC, to the millisecond).
     """
     since = since or datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    tags = {TAG_STAGE: stage, TAG_STAGE_SINCE: since}
+    tags = {TAG_STAGE_SINCE: since}
     if fraction is not None:
         tags[TAG_STAGE_FRACTION] = f"{fraction:g}"
-    registry.set_version_tags(name, version, tags)
+    # the stage goes last: an endpoint that reads the tags between two writes must not start a canary at the
+    # fraction or window of the stage before
+    registry.set_version_tags(name, version, tags | {TAG_STAGE: stage})
     return since
 
 

@@ -94,10 +94,10 @@ def client(endpoint: dict) -> Iterator[httpx.Client]:
 def stage(registry: dict, stage: str, fraction: float | None = None) -> None:
     """Start a stage of the pilot as the pilot flow does: its tags on version 2, `pilot` on it."""
     client, name, v2 = registry["client"], registry["name"], registry["v2"]
-    client.set_model_version_tag(name, v2, "pilot.stage", stage)
     client.set_model_version_tag(name, v2, "pilot.stage_since", datetime.now(UTC).isoformat())
     if fraction is not None:
         client.set_model_version_tag(name, v2, "pilot.canary_fraction", str(fraction))
+    client.set_model_version_tag(name, v2, "pilot.stage", stage)  # last, as records.tag_stage does
     client.set_registered_model_alias(name, "pilot", v2)
 
 
@@ -164,7 +164,7 @@ def test_shadow_only_the_champion_answers_and_both_are_logged(client, registry, 
 def test_canary_routes_by_content_hash(client, registry, endpoint) -> None:
     stage(registry, "canary", fraction=0.5)
     wait_for("the workers hold the canary", lambda: (v := pilot_view(client, registry))["stage"] == "canary"
-             and v["workers"] == [registry["v2"]])  # fmt: skip
+             and v["fraction"] == 0.5 and v["workers"] == [registry["v2"]])  # fmt: skip
     images = [png(1000 + i) for i in range(30)]
     first = [predict(client, data) for data in images]
     again = [predict(client, data) for data in images]
