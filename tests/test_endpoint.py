@@ -174,6 +174,38 @@ def test_metadata_health_and_unknown_models(client: httpx.Client, registry: dict
     assert other.status_code == 404 and "not served" in other.json()["error"]
 
 
+def test_the_docs_replay_client_replays_a_folder_and_writes_verdicts(endpoint: str, registry: dict,
+                                                                      tmp_path: Path) -> None:  # fmt: skip
+    """docs/examples/replay_line.py, which the live-pilot walkthrough runs: one answer per image, verdicts of the
+    labelled ones under their folder's label, keyed by the sha256 the endpoint answered with."""
+    import csv
+    import hashlib
+
+    batch = tmp_path / "batch"
+    files = {batch / "bolt" / "a.png": 1, batch / "nut" / "b.png": 2, batch / "unlabelled" / "c.png": 3,
+             batch / "d.png": 4}  # fmt: skip
+    for path, seed in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(png(seed))
+    script = Path(__file__).resolve().parents[1] / "docs" / "examples" / "replay_line.py"
+    verdicts = tmp_path / "verdicts.csv"
+    cmd = [sys.executable, str(script), str(batch), "--url", endpoint, "--verdicts", str(verdicts), "--operator", "kim"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={"VITOPS_ENDPOINT_TOKEN": TOKEN,
+                         "PATH": "/usr/bin:/bin"})  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert f"4 answers  route champion  version {registry['v1']}" in out.stdout, out.stdout
+    with verdicts.open(encoding="utf-8") as f:
+        rows = sorted(csv.DictReader(f), key=lambda r: r["label"])
+    expected = [(hashlib.sha256(p.read_bytes()).hexdigest(), p.parent.name) for p in files if files[p] in (1, 2)]
+    assert [(r["sha256"], r["label"], r["operator"]) for r in rows] == [(h, label, "kim") for h, label in expected]
+    unauthorised = subprocess.run(cmd[:-4], capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin"})
+    assert (
+        unauthorised.returncode == 1
+        and "401" in unauthorised.stderr
+        and "4 of 4 requests refused" in unauthorised.stderr
+    )
+
+
 def test_bad_inputs_get_4xx_and_the_service_stays_up(client: httpx.Client, registry: dict) -> None:
     infer = f"/v2/models/{registry['name']}/infer"
     good = png(1)
