@@ -355,6 +355,15 @@ class GateDecision:
         parts = [f"{c.kpi} {c.name} {c.value:.6g} {op.get(c.kpi, '>')} {c.threshold:.6g}" for c in failed]
         return f"failed {len(failed)} of {total} checks: " + "; ".join(parts)
 
+    def failure_reasons(self) -> str:
+        """The failed checks' reasons in one line, a lead they share (the uplift with its interval) said once."""
+        parts, leads = [], set()
+        for c in (c for c in self.checks if not c.passed):
+            lead, _, rest = c.reason.partition(": ")
+            parts.append(rest if lead in leads and rest else c.reason)
+            leads.add(lead)
+        return "; ".join(parts)
+
     def as_dict(self) -> dict[str, Any]:
         """Verdict, summary and every check, for JSON and MLflow tags."""
         return {"passed": self.passed, "summary": self.summary(), "checks": [c.as_dict() for c in self.checks]}

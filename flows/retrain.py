@@ -220,8 +220,8 @@ def _run(params: Params, params_file: str, force: bool, nproc_per_node: int) -> 
         publish_artifacts(name, parent.run_id, gated, registered, checked)
     summary = f"{name} version {registered.version}: KPI gate {gated.decision.summary()}"
     if not gated.passed:
-        failed = [c.reason for c in gated.decision.checks if not c.passed]
-        return Failed(name=KPI_GATE_FAILED, message=f"{summary}; registered without `candidate`. " + " ".join(failed))
+        reasons = gated.decision.failure_reasons()
+        return Failed(name=KPI_GATE_FAILED, message=f"{summary}; registered without `candidate`. {reasons}")
     return Completed(message=f"{summary}; alias candidate -> version {registered.version}")
 
 

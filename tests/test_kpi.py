@@ -273,6 +273,17 @@ def test_decide_combines_checks() -> None:
     assert empty.passed and "no checks" in empty.summary()
 
 
+def test_failure_reasons_say_the_shared_uplift_once() -> None:
+    both = check_accuracy(_uplift(-2.08, -4.17, -0.52, p=0.12), GateRules(-2.0), "champion v1")
+    [slow] = check_latency(_model("candidate v7", 61.23), GateRules(max_p95_ms=50.0), None)
+    text = decide([*both, slow]).failure_reasons()
+    assert text.count("uplift -2.08 points") == 1 and text.count("vs champion v1") == 1
+    assert text.startswith("uplift -2.08 points (95% CI -4.17..-0.52, McNemar p=0.12) vs champion v1: estimate -2.08")
+    assert "; interval lower bound -4.17 is below the non-inferiority margin -2.00; " in text
+    assert text.endswith(slow.reason)
+    assert decide(both[:0]).failure_reasons() == ""
+
+
 def test_kpi_metrics_are_flat_numbers() -> None:
     cand, ref = _model("candidate v7", tco=330.0), _model("champion v3", tco=300.0)
     metrics = kpi_metrics(cand, ref, _uplift(0.5, -0.1, 1.3))
