@@ -47,6 +47,14 @@ def champion(name: str) -> str | None:
     return MlflowClient().get_registered_model(name).aliases.get("champion")
 
 
+def _three_versions_v1_champion(prefix: str, release: Release, reason: str) -> tuple[str, str, str, str]:
+    """A new model with three versions, the first of them champion through a recorded move."""
+    name = unique(prefix)
+    v1, v2, v3 = (register(name, release) for _ in range(3))
+    aliases.move_alias(name, "champion", v1, expect="none", reason=reason)
+    return name, v1, v2, v3
+
+
 def open_claims(name: str) -> list[str]:
     """Claims of `name` still in the experiment list (active experiments)."""
     return [e.name for e in MlflowClient().search_experiments(filter_string=f"name LIKE '{CLAIM_PREFIX}/{name}/%'")]
@@ -182,9 +190,7 @@ def _race(script: str, tmp_path: Path, runs: dict[str, list[str]]) -> dict[str, 
 
 
 def test_two_racing_promoters_exactly_one_wins(server: str, release: Release, tmp_path: Path) -> None:
-    name = unique("race")
-    v1, v2, v3 = (register(name, release) for _ in range(3))
-    aliases.move_alias(name, "champion", v1, expect="none", reason="start")
+    name, v1, v2, v3 = _three_versions_v1_champion("race", release, reason="start")
     results = _race(RACER, tmp_path, {v: [name, v, v1] for v in (v2, v3)})
     codes = sorted(code for code, _ in results.values())
     assert codes == [0, 3], results
@@ -225,9 +231,7 @@ aliases.move_alias(sys.argv[1], "champion", sys.argv[2], expect=sys.argv[3], rea
 def test_a_mover_killed_mid_move_blocks_then_is_rolled_forward(
     server: str, release: Release, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    name = unique("killed")
-    v1, v2, v3 = (register(name, release) for _ in range(3))
-    aliases.move_alias(name, "champion", v1, expect="none", reason="first")
+    name, v1, v2, v3 = _three_versions_v1_champion("killed", release, reason="first")
     proc = subprocess.run([sys.executable, "-c", KILLED, name, v2, v1], capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert champion(name) == v1 and open_claims(name) == [f"{CLAIM_PREFIX}/{name}/champion/000002"]
@@ -262,9 +266,7 @@ def test_a_mover_that_read_before_the_winner_claimed_loses_the_claim(
 ) -> None:
     # The subprocess race above mostly ends with the loser reading after the winner's claim; this pins down the
     # other interleaving: both read the same history, the winner claims first, the loser's claim is refused.
-    name = unique("claim")
-    v1, v2, v3 = (register(name, release) for _ in range(3))
-    aliases.move_alias(name, "champion", v1, expect="none", reason="start")
+    name, v1, v2, v3 = _three_versions_v1_champion("claim", release, reason="start")
     clients = iter([_CompetitorBeforeClaim(lambda: aliases.move_alias(name, "champion", v3, expect=v1, reason="A"))])
     monkeypatch.setattr(aliases, "mlflow_client", lambda: next(clients, None) or MlflowClient())
     with pytest.raises(MoveConflict, match=f"another move of champion of {name} won the race: entry 2"):
@@ -381,9 +383,7 @@ def _plant(name: str, seq: int, from_version: str, to_version: str, age: timedel
 def test_an_older_vitops_claims_in_progress_block_and_stale_ones_are_rolled_forward(
     server: str, release: Release, caplog: pytest.LogCaptureFixture
 ) -> None:
-    name = unique("stale")
-    v1, v2, v3 = (register(name, release) for _ in range(3))
-    aliases.move_alias(name, "champion", v1, expect="none", reason="first")
+    name, v1, v2, v3 = _three_versions_v1_champion("stale", release, reason="first")
     _plant(name, 2, v1, v2, age=timedelta(seconds=5))
     with pytest.raises(MoveConflict, match="a move of champion .* is in progress .*crashed@elsewhere"):
         aliases.move_alias(name, "champion", v3, expect=v1, reason="too early")
@@ -400,9 +400,7 @@ def test_an_older_vitops_claims_in_progress_block_and_stale_ones_are_rolled_forw
 
 
 def test_alias_moved_outside_vitops_is_reported(server: str, release: Release) -> None:
-    name = unique("outside")
-    v1, v2, v3 = (register(name, release) for _ in range(3))
-    aliases.move_alias(name, "champion", v1, expect="none", reason="first")
+    name, v1, v2, v3 = _three_versions_v1_champion("outside", release, reason="first")
     MlflowClient().set_registered_model_alias(name, "champion", v2)  # someone used the MLflow UI
     record = aliases.move_alias(name, "champion", v3, expect=v2, reason="next")
     assert record.from_version == v2 and "moved outside vitops: history said 1, registry had 2" in record.note

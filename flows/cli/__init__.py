@@ -85,9 +85,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # Our own INFO lines, the libraries' warnings only (their INFO chatter is noise nobody asked for); -v: all.
+    # Prefect's run loggers keep INFO (their API handler puts every task's state change on the run page): the
+    # terminal's handler drops what is below WARNING and not ours.
+    terminal = logging.StreamHandler()
+    if not args.verbose:
+        terminal.addFilter(lambda record: record.levelno >= logging.WARNING or record.name.startswith("vitops"))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=[terminal],
     )
     if not args.verbose:
         logging.getLogger("vitops").setLevel(logging.INFO)
