@@ -136,6 +136,15 @@ class TrainParams(_Section):
     noise_std: float = Field(0.0, ge=0.0, le=1.0, description="largest Gaussian noise std, 0..1 scale (device only)")
     lowres_prob: float = Field(0.0, ge=0.0, le=1.0, description="share resized down and up, nearest (device only)")
     lowres_min: float = Field(0.25, gt=0.0, le=1.0, description="smallest fraction of the side resized down to")
+    lowres_max: float = Field(1.0, gt=0.0, le=1.0, description="largest fraction of the side resized down to")
+    translate: float = Field(0.0, ge=0.0, le=0.5, description="largest shift, fraction of the side (device only)")
+
+    @model_validator(mode="after")
+    def _lowres_range(self) -> TrainParams:
+        if self.lowres_min > self.lowres_max:
+            raise ValueError(f"lowres_min {self.lowres_min} must be <= lowres_max {self.lowres_max}")
+        return self
+
     decode_cache: Path | None = Path("~/.cache/vitops/decoded")  # decoded sets over 64 MiB; None: in memory only
     teacher: str | None = Field(
         None, description="model to distil from: file:<vitops model folder> or mlflow:models:/<name>@<alias>"

@@ -91,7 +91,8 @@ def test_checks_pass_within_limits_are_off_with_none_and_name_the_reference() ->
     with pytest.raises(ValueError, match="no robustness results"):
         check_robustness(_kpis("candidate", None), ref, 5.0, None)
     rows = review_rows(cand, ref, decide(checks))
-    assert [r[0] for r in rows] == ["top-1 under blur", "top-1 under jpeg", "robustness worst drop", "robustness mean drop"]
+    names = ["top-1 under blur", "top-1 under jpeg", "robustness worst drop", "robustness mean drop"]
+    assert [r[0] for r in rows] == names
     assert rows[0][1:3] == ["98.00 %", "50.00 %"] and rows[2][3:] == ["<= 5 pts", "PASS"]
     table = robustness_markdown(cand, ref, {"blur": 0.8, "jpeg": 30})
     assert "| blur | 0.8 | 98.00 % | +2.00 | 50.00 % | +49.00 |" in table

@@ -6,10 +6,11 @@ applied to the whole batch at once:
 - RandomResizedCrop: timm's parameters (area fraction in `scale_min`..1, log-uniform aspect ratio in 3/4..4/3,
   ten tries, then the central crop), one crop per image, and the crop, the resize to the input size and the
   horizontal flip (`hflip`) done by one `grid_sample` over the batch in the model's interpolation;
-- a small rotation (`rotate_deg`: uniform in +-that many degrees), in the same `grid_sample`;
+- a small rotation (`rotate_deg`: uniform in +-that many degrees) and shift (`translate`: up to that fraction of
+  the side each way), in the same `grid_sample`;
 - the line's camera and resize settings (vitops' own, for the robustness check of the KPI gate,
-  `vit.robustness`): with probability `lowres_prob` a resize down to a fraction `lowres_min`..1 of the side and
-  back up with nearest neighbour; with probability `blur_prob` a Gaussian blur of sigma up to `blur_sigma`;
+  `vit.robustness`): with probability `lowres_prob` a resize down to a fraction `lowres_min`..`lowres_max` of
+  the side and back up with nearest neighbour; with probability `blur_prob` a Gaussian blur of sigma up to `blur_sigma`;
 - colour jitter: brightness, contrast and saturation factors in [1 - s, 1 + s], in a random order per image,
   as torchvision's ColorJitter computes them;
 - Gaussian noise of a standard deviation uniform in 0..`noise_std` (on the 0..1 scale);
@@ -63,11 +64,13 @@ class BatchAugment:
         color_jitter: brightness, contrast and saturation strength; 0 turns it off.
         re_prob: random-erasing probability.
         rotate_deg: largest rotation, in degrees; 0 turns it off.
+        translate: largest shift, as a fraction of the side, each way; 0 turns it off.
         blur_prob: share of images blurred.
         blur_sigma: largest blur sigma, in pixels.
         noise_std: largest Gaussian noise std on the 0..1 scale; 0 turns it off.
         lowres_prob: share of images resized down and back up with nearest neighbour.
         lowres_min: smallest fraction of the side they are resized down to.
+        lowres_max: largest fraction.
     """
 
     ratio = (3 / 4, 4 / 3)
@@ -88,12 +91,15 @@ class BatchAugment:
         noise_std: float = 0.0,
         lowres_prob: float = 0.0,
         lowres_min: float = 0.25,
+        lowres_max: float = 1.0,
+        translate: float = 0.0,
     ) -> None:
         self.img_size, self.mode = img_size, _GRID_MODES.get(interpolation, "bicubic")
         self.normalise = Normalise(mean, std)
         self.scale, self.hflip, self.color_jitter, self.re_prob = (scale_min, 1.0), hflip, color_jitter, re_prob
         self.rotate_deg, self.blur_prob, self.blur_sigma, self.noise_std = rotate_deg, blur_prob, blur_sigma, noise_std
-        self.lowres_prob, self.lowres_min = lowres_prob, lowres_min
+        self.lowres_prob, self.lowres_min, self.lowres_max = lowres_prob, lowres_min, lowres_max
+        self.translate = translate
 
     def __call__(self, images: torch.Tensor, sizes: torch.Tensor, generator: torch.Generator | None = None):
         """Augment uint8 images (B, 3, S, S), each filling the top-left `sizes[b]` (height, width) of its square.
@@ -118,6 +124,8 @@ class BatchAugment:
             cos, sin = angle.cos(), angle.sin()
             rotation = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)
             theta[:, :, :2] = theta[:, :, :2] @ rotation
+        if self.translate > 0:  # output coordinates span 2: a shift of t x side is 2t
+            theta[:, :, 2] += (torch.rand(b, 2, generator=generator) * 2 - 1) * (2 * self.translate)
         jitter = self._jitter_params(b, generator) if self.color_jitter > 0 else None
         erase = sample_erasing(b, self.img_size, self.re_prob, generator) if self.re_prob > 0 else None
         camera = self._camera_params(b, generator)
@@ -143,7 +151,7 @@ class BatchAugment:
         side = self.img_size
         sides, sigma, noise = torch.full((b,), side, dtype=torch.long), torch.zeros(b), torch.zeros(0)
         if self.lowres_prob > 0:
-            fraction = self.lowres_min + torch.rand(b, generator=generator) * (1 - self.lowres_min)
+            fraction = self.lowres_min + torch.rand(b, generator=generator) * (self.lowres_max - self.lowres_min)
             low = torch.rand(b, generator=generator) < self.lowres_prob
             sides = torch.where(low, (fraction * side).round().clamp(1, side).long(), sides)
         if self.blur_prob > 0:

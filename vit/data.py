@@ -53,6 +53,8 @@ class AugmentParams:
         lowres_prob: share of images resized down to `lowres_min`..1 of the side and back up with nearest
             neighbour, as a line camera or resize setting would (device only).
         lowres_min: smallest fraction of the side.
+        lowres_max: largest fraction of the side.
+        translate: largest shift as a fraction of the side, each way (device only); 0 turns it off.
     """
 
     scale_min: float = 0.8
@@ -67,10 +69,12 @@ class AugmentParams:
     noise_std: float = 0.0
     lowres_prob: float = 0.0
     lowres_min: float = 0.25
+    lowres_max: float = 1.0
+    translate: float = 0.0
 
     def device_only(self) -> list[str]:
         """The settings in use that only the batched augmentation on the device has."""
-        return [n for n in ("rotate_deg", "blur_prob", "noise_std", "lowres_prob") if getattr(self, n) > 0]
+        return [n for n in ("rotate_deg", "translate", "blur_prob", "noise_std", "lowres_prob") if getattr(self, n) > 0]
 
     def on_device(self) -> bool:
         """Whether the training augmentation runs on the device in batches.
@@ -347,7 +351,7 @@ def image_dataset(
             batch_transform = BatchAugment(
                 meta.img_size, meta.interpolation, meta.mean, meta.std, aug.scale_min, aug.hflip,
                 aug.color_jitter, aug.re_prob, aug.rotate_deg, aug.blur_prob, aug.blur_sigma, aug.noise_std,
-                aug.lowres_prob, aug.lowres_min,
+                aug.lowres_prob, aug.lowres_min, aug.lowres_max, aug.translate,
             )  # fmt: skip
     else:
         spec = DecodeSpec.for_eval(meta.img_size, meta.interpolation, meta.crop_pct)
