@@ -59,3 +59,24 @@ def test_a_cnn_is_refused_and_the_grid_is_a_png(tmp_path: Path) -> None:
         {"image": image, "heatmap": None, "label": None, "pred": "2", "confidence": 0.5, "name": "x.png"},
     ]
     assert write_grid(tmp_path / "grid.png", items).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_vitops_explain_on_a_model_folder_writes_the_grid(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import timm
+    from helpers.data import write_png
+
+    from vitops.flows.cli import main
+    from vitops.vit.bundle import ModelMeta, save_bundle
+
+    meta = ModelMeta(model="vit_tiny_patch16_224", classes=["a", "b"], img_size=32,
+                     model_kwargs={"patch_size": 8, "depth": 2})  # fmt: skip
+    torch.manual_seed(0)
+    folder = save_bundle(timm.create_model(meta.model, **meta.create_kwargs()), meta, tmp_path / "model")
+    images = [write_png(tmp_path / "one.png", 1, (40, 30)), write_png(tmp_path / "two.png", 2)]
+    out = tmp_path / "heat.png"
+    assert main(["explain", str(folder), *map(str, images), "--out", str(out), "--target", "b"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{images[0]}: ") and lines[-1] == f"heatmaps {out}"
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert main(["explain", str(folder), str(tmp_path / "missing.png")]) == 2
+    assert main(["explain", str(folder), str(images[0]), "--target", "zebra"]) == 2
