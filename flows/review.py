@@ -256,5 +256,5 @@ def explain_disagreements(
              "confidence": i[f"{role}_confidence"], "name": f"{role} v{version}: {Path(i['path']).name}"}
             for image, heat, i in zip(rgb, maps, items, strict=True)
         ]  # fmt: skip
-    grid = [cell for k in range(len(items)) for role in cells for cell in [cells[role][k]]]
+    grid = [cells[role][k] for k in range(len(items)) for role in cells]
     return write_grid(Path(out), grid, columns=2 * len(cells) if len(cells) > 1 else 4)
