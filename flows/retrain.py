@@ -142,7 +142,6 @@ def ensure_limit(name: str, limit: int = 1) -> None:
 
 
 @flow(name="retrain", retries=0, log_prints=True)
-@stage_logs()  # the stages' own INFO lines on the run page
 def retrain(
     model_name: str | None = None,
     data: str | None = None,
@@ -166,7 +165,8 @@ def retrain(
     params = with_overrides(loaded, model_name=model_name, data=data)
     limit = limit_name(params.tracking.registered_model)
     ensure_limit(limit)
-    with concurrency(limit, occupy=1, strict=True, timeout_seconds=params.retrain.wait_timeout_s):
+    slot = concurrency(limit, occupy=1, strict=True, timeout_seconds=params.retrain.wait_timeout_s)
+    with stage_logs(), slot:  # the stages' own INFO lines on the run page
         return _run(params, params_file, force, nproc_per_node or params.retrain.nproc_per_node)
 
 
