@@ -121,7 +121,7 @@ def robustness_markdown(candidate: ModelKpis, reference: ModelKpis | None, sever
         "|---|---|---|---|---|---|",
     ]
     mine, theirs = drops(candidate.robustness), drops(ref) if ref else {}
-    for name, value in candidate.robustness.items():
+    for name, value in sorted(candidate.robustness.items(), key=lambda item: item[0] != "clean"):  # clean first
         level = "" if name == "clean" else severities.get(name, "")
         drop = "" if name == "clean" else f"{mine[name]:+.2f}"
         other = f"{ref[name] * 100:.2f} %" if name in ref else "n/a"

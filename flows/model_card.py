@@ -139,7 +139,8 @@ def _balance_table(balance: dict[str, dict[str, int]]) -> str:
 
 _RECIPE_PARAMS = (
     "epochs", "lr", "batch_size", "layer_decay", "label_smoothing", "scale_min", "color_jitter", "rotate_deg",
-    "blur_prob", "blur_sigma", "noise_std", "lowres_prob", "lowres_min", "mixup", "cutmix", "class_balance",
+    "translate", "blur_prob", "blur_sigma", "noise_std", "lowres_prob", "lowres_min", "lowres_max", "mixup", "cutmix",
+    "class_balance",
 )  # fmt: skip
 
 
