@@ -25,7 +25,7 @@ from vitops.deploy.engine_meta import engine_files
 from vitops.flows import aliases, packaging, records, summaries, tracking
 from vitops.flows.config import Params
 from vitops.flows.gate import DECISION_FILE, GateInputError
-from vitops.flows.model_card import CardFacts, card_facts
+from vitops.flows.model_card import CARD_DIR, CARD_FILE, CardFacts, card_facts
 from vitops.flows.tracking import RunContext
 
 
@@ -152,13 +152,15 @@ def register(
             **{k: tags.get(k, "") for k in ("data_version", "git_commit", "params_hash")},
             "validation": tags.get("validation.summary", ""),
         }
+        if inputs.card is not None:  # logged right after registering, where this link already points
+            links["model card"] = tracking.run_link(handle.run_id, f"{CARD_DIR}/{CARD_FILE}")
         version = packaging.register_version(
             name, handle.run_id, model_dir, Path(inputs.onnx), engines, serving, tags,
             description=summaries.gate_markdown(decision, facts, links),
         )  # fmt: skip
         facts["version"] = version  # the run's description names it
         if inputs.card is not None:  # the model card, logged with the version and linked from its description
-            links["model card"] = _log_card(handle, name, version, decision, facts, inputs, model_dir)
+            _log_card(handle, name, version, decision, facts, inputs, model_dir)
         handle.set_description(summaries.gate_markdown(decision, facts, links))
         handle.set_tags({"registered_model": name, "registered_version": version})
     moved = False
@@ -172,13 +174,13 @@ def register(
 
 def _log_card(
     handle: Any, name: str, version: str, decision: dict, facts: dict, inputs: RegisterInputs, model_dir: Path
-) -> str:
-    """Write the version's model card, log it with the version's run, tag the version with it; its UI link."""
+) -> None:
+    """Write the version's model card, log it with the version's run, and tag the version with it."""
     import dataclasses
     import tempfile
 
     from vitops.flows import registry
-    from vitops.flows.model_card import CARD_DIR, CARD_FILE, class_balance, model_card, write_card
+    from vitops.flows.model_card import class_balance, model_card, write_card
 
     model = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
     card = dataclasses.replace(inputs.card, model=model)
@@ -186,7 +188,6 @@ def _log_card(
     with tempfile.TemporaryDirectory(prefix="vitops-card-") as work:
         handle.log_artifact(write_card(Path(work), text), artifact_path=CARD_DIR)
     registry.set_version_tags(name, version, {"model_card": f"runs:/{handle.run_id}/{CARD_DIR}/{CARD_FILE}"})
-    return tracking.run_link(handle.run_id, f"{CARD_DIR}/{CARD_FILE}")
 
 
 def _version_run(train_run: str | None, parent_run: str | None) -> Any:

@@ -183,6 +183,7 @@ def review_sections(
     shown = []
     grid = Path(evaluation) / MISCLASSIFIED_FILE
     if grid.is_file():
+        Path(report_dir).mkdir(parents=True, exist_ok=True)
         shown.append(Path(shutil.copyfile(grid, Path(report_dir) / MISCLASSIFIED_FILE)))
         sections["Misclassified test images"] = (
             f"Each with its label, the prediction and its confidence, and where the model looked (attention "
