@@ -33,7 +33,7 @@ from prefect.states import Completed, Failed
 
 from vitops.flows import registry, tracking
 from vitops.flows.config import DEFAULT_PARAMS, load_params
-from vitops.flows.records import artifact_key
+from vitops.flows.records import artifact_key, stage_logs
 from vitops.flows.retries import TRANSIENT
 from vitops.flows.settings import run_context
 from vitops.flows.tracking import RunContext
@@ -157,7 +157,8 @@ def record(result: DriftResult, images: Any, run: RunContext, flow_run_id: str) 
                 images.to_csv(Path(tmp) / "logged_images.csv", index=False)
                 handle.log_artifact(Path(tmp) / "logged_images.csv", artifact_path="drift")
         run_id = handle.run_id
-    create_markdown_artifact(_markdown(result, tracking.run_url(run_id)), key=artifact_key(result.model, "drift"),
+    where = tracking.run_url(run_id) or tracking.local_ui_hint(run_id)
+    create_markdown_artifact(_markdown(result, where), key=artifact_key(result.model, "drift"),
                              description=f"drift check: {result.state}")  # fmt: skip
     return run_id
 
@@ -169,7 +170,8 @@ def _markdown(result: DriftResult, url: str) -> str:
     if result.kl:
         lines += ["| statistic | KL divergence | over the threshold |", "| --- | ---: | --- |"]
         lines += [f"| {k} | {v:.4g} | {'yes' if v > result.threshold else ''} |" for k, v in result.kl.items()]
-    return "\n".join([*lines, "", f"MLflow run: {url}"])
+    link = f"[MLflow run]({url})" if url.startswith("http") else f"MLflow: {url}"
+    return "\n".join([*lines, "", link])
 
 
 def emit_detected(result: DriftResult, mlflow_run: str) -> None:
@@ -230,45 +232,46 @@ def drift(
 
     from vitops.deploy.prediction_log import parse_time
 
-    params = load_params(params_file, must_exist=params_file != str(DEFAULT_PARAMS))
-    name, settings = model_name or params.tracking.registered_model, params.drift
-    end = parse_time(until) if until else time.time()
-    start = parse_time(since) if since else end - settings.since_hours * 3600
-    key = "drift.kl_threshold" if settings.kl_threshold else "validate.drift_kl_threshold"
-    threshold = settings.kl_threshold or params.validate_.drift_kl_threshold
-    run, run_id = run_context(params), str(flow_run.id or "")
-    result = DriftResult(name, start, end, 0, "", threshold, key)
+    with stage_logs():  # the stages' own INFO lines on the run page
+        params = load_params(params_file, must_exist=params_file != str(DEFAULT_PARAMS))
+        name, settings = model_name or params.tracking.registered_model, params.drift
+        end = parse_time(until) if until else time.time()
+        start = parse_time(since) if since else end - settings.since_hours * 3600
+        key = "drift.kl_threshold" if settings.kl_threshold else "validate.drift_kl_threshold"
+        threshold = settings.kl_threshold or params.validate_.drift_kl_threshold
+        run, run_id = run_context(params), str(flow_run.id or "")
+        result = DriftResult(name, start, end, 0, "", threshold, key)
 
-    images = images_task(Path(params.prediction_log.dir), name, start, end)
-    result.images = len(images)
-    if result.images < settings.min_images:
-        result.state, result.reference = TOO_FEW, "not read"
-        record_task(result, images, run, run_id)
-        message = (
-            f"{result.images} kept image(s) of {name} logged {result.window} in {params.prediction_log.dir}, fewer "
-            f"than drift.min_images={settings.min_images}: no verdict"
-        )
-        return Completed(name=TOO_FEW, message=message)
-    reference, result.reference = reference_task(name, Path(params.validate_.manifest), run)
-    if reference is None:
-        result.state = NO_REFERENCE
-        record_task(result, images, run, run_id)
-        return Completed(name=NO_REFERENCE, message=f"no training manifest to compare with: {result.reference}")
-    result = compare_task(images, reference, result)
-    mlflow_run = record_task(result, images, run, run_id)
-    head = f"{result.images} kept image(s) of {name} logged {result.window} against {result.reference}"
-    if result.state == NO_DRIFT:
-        top = max(result.kl.values(), default=0.0)
-        return Completed(name=NO_DRIFT, message=f"{head}: largest KL {top:.3g} <= {threshold:g} ({key})")
-    emit_detected(result, mlflow_run)
-    found = ", ".join(f"{k} KL {result.kl[k]:.3g}" for k in result.drifted)
-    message = f"{head}: {found} over {threshold:g} ({key}); event {EVENT} emitted; MLflow run {mlflow_run}"
-    if retrain_on_drift or settings.retrain_on_drift:
-        started = _run_retrain(settings.retrain_deployment)
-        if started.startswith("cannot"):
-            return Failed(name=RETRAIN_NOT_STARTED, message=f"{message}; {started}")
-        message += f"; {started}"
-    return Completed(name=DRIFT, message=message)
+        images = images_task(Path(params.prediction_log.dir), name, start, end)
+        result.images = len(images)
+        if result.images < settings.min_images:
+            result.state, result.reference = TOO_FEW, "not read"
+            record_task(result, images, run, run_id)
+            message = (
+                f"{result.images} kept image(s) of {name} logged {result.window} in {params.prediction_log.dir}, fewer "
+                f"than drift.min_images={settings.min_images}: no verdict"
+            )
+            return Completed(name=TOO_FEW, message=message)
+        reference, result.reference = reference_task(name, Path(params.validate_.manifest), run)
+        if reference is None:
+            result.state = NO_REFERENCE
+            record_task(result, images, run, run_id)
+            return Completed(name=NO_REFERENCE, message=f"no training manifest to compare with: {result.reference}")
+        result = compare_task(images, reference, result)
+        mlflow_run = record_task(result, images, run, run_id)
+        head = f"{result.images} kept image(s) of {name} logged {result.window} against {result.reference}"
+        if result.state == NO_DRIFT:
+            top = max(result.kl.values(), default=0.0)
+            return Completed(name=NO_DRIFT, message=f"{head}: largest KL {top:.3g} <= {threshold:g} ({key})")
+        emit_detected(result, mlflow_run)
+        found = ", ".join(f"{k} KL {result.kl[k]:.3g}" for k in result.drifted)
+        message = f"{head}: {found} over {threshold:g} ({key}); event {EVENT} emitted; MLflow run {mlflow_run}"
+        if retrain_on_drift or settings.retrain_on_drift:
+            started = _run_retrain(settings.retrain_deployment)
+            if started.startswith("cannot"):
+                return Failed(name=RETRAIN_NOT_STARTED, message=f"{message}; {started}")
+            message += f"; {started}"
+        return Completed(name=DRIFT, message=message)
 
 
 def _run_retrain(deployment: str) -> str:

@@ -162,39 +162,40 @@ def pilot(
     """
     from prefect.runtime import flow_run
 
-    params = load_params(params_file, must_exist=params_file != str(DEFAULT_PARAMS))
-    name = model_name or params.tracking.registered_model
-    run_id = str(flow_run.id or "")
-    skip = list(skip or [])
-    if stage == ROLLBACK:
-        return _rollback(name, reason, run_id, run_context(params))
-    versions = versions_task(name, version, run_context(params))
-    if versions.champion == versions.candidate:
-        return Failed(name=REFUSED, message=f"version {versions.candidate} of {versions.name} is the champion already: "
-                      "nothing to pilot; name the candidate with version=...")  # fmt: skip
-    if stage == PROMOTE:
-        return _promote(versions, skip, reason, run_id, params.pilot)
-    refusal = pilot_refusal(versions, skip, reason) or _source_refusal(source, batch, since)
-    if refusal:
-        return Failed(name=REFUSED, message=refusal)
-    out = Path(params.pilot.out_dir) / stage
-    if stage == CANARY and (refusal := canary_refusal(versions, skip)):
-        records.record_pilot_stage(CANARY, versions, "refused", run_id, refusal)
-        return Failed(name=REFUSED, message=refusal)
-    if source == "log":
-        return _from_log(stage, versions, out, params, run_id, skip, reason, since)
-    rules = BatchRules.from_params(params.validate_, params.pilot)
-    checked = batch_task(Path(batch or params.pilot.batch), versions, out, rules)
-    if not checked.passed:
-        message = f"batch {checked.root} failed its data gate: " + "; ".join(checked.failures)
-        records.record_pilot_stage(stage, versions, "batch-rejected", run_id, message, files=[checked.report_path])
-        return Failed(name=BATCH_REJECTED, message=message + f" ({checked.report_path})")
-    fraction = params.pilot.canary_fraction if stage == CANARY else None
-    records.tag_stage(versions.name, versions.candidate, stage, fraction, _stage_since(versions, stage))
-    if stage == SHADOW:
-        return _record_shadow(versions, shadow_task(versions, checked, out, params.pilot, run_id), run_id)
-    scored = canary_task(versions, checked, out, params.pilot, run_id)
-    return _record_canary(versions, scored, run_id, skip, reason)
+    with records.stage_logs():  # the stages' own INFO lines on the run page
+        params = load_params(params_file, must_exist=params_file != str(DEFAULT_PARAMS))
+        name = model_name or params.tracking.registered_model
+        run_id = str(flow_run.id or "")
+        skip = list(skip or [])
+        if stage == ROLLBACK:
+            return _rollback(name, reason, run_id, run_context(params))
+        versions = versions_task(name, version, run_context(params))
+        if versions.champion == versions.candidate:
+            message = f"version {versions.candidate} of {versions.name} is the champion already: nothing to pilot"
+            return Failed(name=REFUSED, message=message + "; name the candidate with version=...")
+        if stage == PROMOTE:
+            return _promote(versions, skip, reason, run_id, params.pilot)
+        refusal = pilot_refusal(versions, skip, reason) or _source_refusal(source, batch, since)
+        if refusal:
+            return Failed(name=REFUSED, message=refusal)
+        out = Path(params.pilot.out_dir) / stage
+        if stage == CANARY and (refusal := canary_refusal(versions, skip)):
+            records.record_pilot_stage(CANARY, versions, "refused", run_id, refusal)
+            return Failed(name=REFUSED, message=refusal)
+        if source == "log":
+            return _from_log(stage, versions, out, params, run_id, skip, reason, since)
+        rules = BatchRules.from_params(params.validate_, params.pilot)
+        checked = batch_task(Path(batch or params.pilot.batch), versions, out, rules)
+        if not checked.passed:
+            message = f"batch {checked.root} failed its data gate: " + "; ".join(checked.failures)
+            records.record_pilot_stage(stage, versions, "batch-rejected", run_id, message, files=[checked.report_path])
+            return Failed(name=BATCH_REJECTED, message=message + f" ({checked.report_path})")
+        fraction = params.pilot.canary_fraction if stage == CANARY else None
+        records.tag_stage(versions.name, versions.candidate, stage, fraction, _stage_since(versions, stage))
+        if stage == SHADOW:
+            return _record_shadow(versions, shadow_task(versions, checked, out, params.pilot, run_id), run_id)
+        scored = canary_task(versions, checked, out, params.pilot, run_id)
+        return _record_canary(versions, scored, run_id, skip, reason)
 
 
 def _from_log(stage: str, versions: Versions, out: Path, params: Any, run_id: str, skip: list[str], reason: str,
