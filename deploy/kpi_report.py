@@ -30,6 +30,15 @@ def format_kpi_table(
     return "\n".join([*lines, "", f"gate {decision.summary()}"])
 
 
+def markdown_kpi_table(
+    candidate: ModelKpis, reference: ModelKpis | None, uplift: Uplift | None, decision: GateDecision
+) -> str:
+    """The KPI table (KPI | candidate | reference | threshold | verdict, the uplift with its interval) as Markdown."""
+    rows = _kpi_rows(candidate, reference, uplift, decision)
+    lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+    return "\n".join(lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows])
+
+
 def write_report(
     out: Path,
     candidate: ModelKpis,
@@ -131,9 +140,6 @@ def _markdown(
     context: dict[str, str],
     images: list[Path],
 ) -> str:
-    def cell(text: str) -> str:
-        return str(text).replace("|", "\\|").replace("\n", " ")
-
     verdict = "PASSED" if decision.passed else "FAILED"
     lines = [f"# KPI gate: {verdict}", "", f"**gate {decision.summary()}**", "", "| | |", "|---|---|"]
     wanted = context.get("reference") or "champion or baseline"
@@ -143,21 +149,22 @@ def _markdown(
         "candidate model": candidate.label,
         "reference model": reference.label if reference else missing,
     }
-    lines += [f"| {cell(k)} | {cell(v)} |" for k, v in header.items()]
+    lines += [f"| {_cell(k)} | {_cell(v)} |" for k, v in header.items()]
     if reference is None:
         lines += [
             "",
             f"> No reference was available ({wanted}): the uplift and the TCO increase were not checked, "
             "and the plots show the candidate only.",
         ]
-    rows = _kpi_rows(candidate, reference, uplift, decision)
-    lines += ["", "## KPIs", "", "| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
-    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
-    lines += ["", "## Checks", ""]
+    lines += ["", "## KPIs", "", markdown_kpi_table(candidate, reference, uplift, decision), "", "## Checks", ""]
     lines += [f"- {line}" for line in decision.reasons()] or ["- no checks configured: every KPI threshold is off"]
     for title, image in zip(("Accuracy", "Latency", "Cost"), images, strict=True):
         lines += ["", f"## {title}", "", f"![{title.lower()}]({image.name})"]
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 def pyplot() -> Any:

@@ -1,24 +1,31 @@
 """Checked, recorded alias moves of the model registry, their history, and a version's lineage.
 
 MLflow has no compare-and-swap (`set_registered_model_alias` is a last-writer-wins upsert) and no alias history
-(mlflow#2169), so vitops builds both on the one atomic operation the tracking server offers every machine:
-registered-model names are unique. Move n of alias A of model M is the registered model `M.history.A.<n:06d>`,
-its tags the history entry. A mover
+(mlflow#2169), so vitops builds both on an operation the tracking server makes atomic for every machine:
+experiment names are unique, deleted experiments included (a soft-deleted name stays reserved on the SQL store).
+Move n of alias A of model M is claimed as the experiment `vitops.alias-claim/M/A/<n:06d>`, its tags the entry.
+A mover
 
-1. lists the history of (M, A), before reading the alias: in the other order, a move completing between the
-   two reads would go unnoticed;
+1. reads the history of (M, A): the claims in progress, then the ledger of completed moves (one run per move in
+   the experiment `vitops-alias-history`, which people read in the MLflow UI) and the entries older vitops
+   versions kept as registered models `M.history.A.<n:06d>` (still read; `migrate_history` moves them into the
+   ledger); before reading the alias: in the other order, a move completing between the two reads would go
+   unnoticed;
 2. reads the alias (`get_registered_model`; `search_model_versions` shows no aliases, mlflow#16734);
 3. finds the last entry uncompleted: a move in progress (refused) or, past `GRACE_S`, a crashed mover's, which
    it rolls forward;
 4. checks `expect` against the alias;
-5. claims entry n+1 with `create_registered_model`: the server lets one creator through and answers
+5. claims entry n+1 with `create_experiment`: the server lets one creator through and answers
    RESOURCE_ALREADY_EXISTS to the others, who lost the race (a random `claim` tag tells a retried request of
    the winner, MLflow's client retries POSTs too, from a rival's);
-6. sets (or deletes) the alias and marks the entry completed.
+6. sets (or deletes) the alias, logs the move in the ledger and soft-deletes the claim, so neither the model
+   list nor the experiment list keeps it.
 
 Whoever claims n+1 first wins; a mover that read the history after that claim finds it uncompleted, or the
 alias moved. An alias moved outside vitops (the last entry's target is not the registry's value) is noted in
-the next entry, whose `from_version` is what the registry had.
+the next entry, whose `from_version` is what the registry had. After each move the registered model's tag
+`vitops.aliases` lists its aliases, champion first: MLflow's model list shows only the alias of the newest
+version.
 """
 
 from __future__ import annotations
@@ -28,27 +35,29 @@ import json
 import logging
 import re
 import socket
-import tempfile
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from vitops.flows.registry import (
     GATED_ALIASES,
     RegistryError,
     alias_holder,
+    all_pages,
     check_alias,
     check_name,
-    create_model,
+    create_experiment,
+    delete_experiment,
+    ensure_experiment,
+    lookup,
     mlflow_client,
     read_model,
     read_version,
-    run_data,
     server_errors,
     server_uri,
-    version_info,
+    show_aliases,
+    version_facts,
     version_number,
 )
 
@@ -56,7 +65,11 @@ log = logging.getLogger(__name__)
 
 GRACE_S = 60.0  # an uncompleted history entry younger than this is a move in progress
 HISTORY_TAG = "vitops.history"
-_HISTORY_NAME = re.compile(r"(?P<model>.+)\.history\.(?P<alias>[a-z]+)\.(?P<seq>\d{6,})")
+CLAIM_PREFIX = "vitops.alias-claim"  # + /<model>/<alias>/<seq>: the experiment name that claims a move
+LEDGER = "vitops-alias-history"  # the experiment of the completed moves, one run each
+ALIASES_TAG = "vitops.aliases"  # on the registered model: its aliases, champion first, for the model list
+_CLAIM_NAME = re.compile(re.escape(CLAIM_PREFIX) + r"/(?P<model>[^/]+)/(?P<alias>[a-z]+)/(?P<seq>\d{6,})")
+_HISTORY_NAME = re.compile(r"(?P<model>.+)\.history\.(?P<alias>[a-z]+)\.(?P<seq>\d{6,})")  # older vitops
 
 
 class MoveConflict(RegistryError):
@@ -84,7 +97,8 @@ class MoveRecord:
 
 
 def is_history_model(name: str) -> bool:
-    """Whether a registered-model name is a vitops history entry (listings of real models skip these)."""
+    """Whether a registered-model name is a history entry of an older vitops (listings of real models skip these;
+    `migrate_history` moves them into the ledger)."""
     return _HISTORY_NAME.fullmatch(name) is not None
 
 
@@ -147,7 +161,7 @@ def history(name: str, alias: str | None = None) -> list[MoveRecord]:
         check_alias(alias)
     client = mlflow_client()
     read_model(client, name)
-    records = _entries(client, name, alias)  # one alias: in claim order
+    records = _read(client, name, alias)[0]  # one alias: in claim order
     return records if alias else sorted(records, key=lambda r: (r.time, r.alias, r.seq))
 
 
@@ -168,7 +182,7 @@ def rollback(name: str, alias: str = "champion", *, reason: str, flow_run_id: st
     current = alias_holder(client, name, alias)
     if current is None:
         raise RegistryError(f"{alias} of {name} is not set at {server_uri()}: nothing to roll back")
-    setter = next((r for r in reversed(_entries(client, name, alias)) if r.completed and r.to_version == current), None)
+    setter = next((r for r in reversed(_read(client, name, alias)[0]) if r.completed and r.to_version == current), None)
     if setter is None or setter.from_version is None:
         raise RegistryError(
             f"{alias} of {name} (version {current}) has no earlier holder in the vitops history: nothing to roll "
@@ -181,35 +195,38 @@ def rollback(name: str, alias: str = "champion", *, reason: str, flow_run_id: st
 
 
 def lineage(name: str, ref: str) -> dict[str, Any]:
-    """Where a version came from and where it went, as data for the CLI to format.
+    """Where a version came from and where it went, as data for the CLI to format: `registry.version_facts`
+    plus `moves` (every history entry to or from this version)."""
+    facts = version_facts(name, ref)
+    version = facts["version"]["version"]
+    return facts | {"moves": [asdict(r) for r in history(name) if version in (r.from_version, r.to_version)]}
+
+
+def migrate_history(name: str) -> int:
+    """Move the completed history entries an older vitops kept as registered models (`NAME.history.ALIAS.N`)
+    into the ledger, then delete those registered models, so the model list shows real models only.
+
+    Each entry is deleted only once its copy is read back from the ledger; an uncompleted entry stays (the next
+    move of its alias rolls it forward). Run it once every mover runs this vitops.
 
     Returns:
-        `version` (VersionInfo as a dict: tags with data version, git commit, params hash, KPIs), `gate`
-        (passed, reasons), `run` and `train_run` (params, metrics, tags; the training run from the tag
-        `train_run_id`, None when absent or the same run), `serving` (serving.json), `engines` (each with target,
-        precision, p50, sha256 and build metadata) and `moves` (every history entry to or from this version).
+        How many entries moved.
     """
-    import mlflow
-
-    info = version_info(name, ref)
+    check_name(name)
     client = mlflow_client()
-    train_run_id = info.tags.get("train_run_id", "")
-    has_train_run = train_run_id not in ("", "None", "none", info.run_id)
-    with (
-        tempfile.TemporaryDirectory(prefix="vitops-lineage-") as tmp,
-        server_errors(f"reading serving.json of {info.source}"),
-    ):
-        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{info.source}/artifacts/serving.json", dst_path=tmp)
-        serving = json.loads(Path(local).read_text(encoding="utf-8"))
-    return {
-        "version": asdict(info),
-        "gate": {"passed": info.tags.get("gate.passed"), "reasons": info.tags.get("gate.reasons")},
-        "run": run_data(client, info.run_id) if info.run_id else None,
-        "train_run": run_data(client, train_run_id) if has_train_run else None,
-        "serving": serving,
-        "engines": serving.get("engines", []),
-        "moves": [asdict(r) for r in history(name) if info.version in (r.from_version, r.to_version)],
-    }
+    read_model(client, name)
+    with server_errors(f"moving the alias history of {name} into {LEDGER}"):
+        in_ledger = {(r.alias, r.seq) for r in _ledger(client, name, None)}
+        old = [r for r in _legacy(client, name, None) if r.completed]
+        for record in old:
+            if (record.alias, record.seq) not in in_ledger:
+                _log_move(client, record)
+        in_ledger = {(r.alias, r.seq) for r in _ledger(client, name, None)}
+        moved = [r for r in old if (r.alias, r.seq) in in_ledger]
+        for record in moved:
+            client.delete_registered_model(_legacy_name(record))
+    log.info("%s: moved %d alias history entries into the experiment %s", name, len(moved), LEDGER)
+    return len(moved)
 
 
 # -- alias moves ------------------------------------------------------------------------------------------------
@@ -227,7 +244,7 @@ def _move(
     override: bool,
     note: str = "",
 ) -> MoveRecord:
-    entries = _entries(client, name, alias)  # (1) the history, then (2) the alias: this order matters
+    entries, claims = _read(client, name, alias)  # (1) the history, then (2) the alias: this order matters
     current = alias_holder(client, name, alias)
     last = entries[-1] if entries else None
     if last is not None and not last.completed:  # (3)
@@ -239,8 +256,10 @@ def _move(
                 f"completes (an abandoned move is rolled forward after {GRACE_S:.0f} s)"
             )
         log.warning("rolling forward the abandoned move %d of %s of %s (%.0f s old)", last.seq, alias, name, age)
-        _apply(client, last)
+        _apply(client, last, claims.pop((alias, last.seq), None))
         current = alias_holder(client, name, alias)
+    for claim_id in claims.values():  # the ledger has them: their movers died before dropping the claim
+        delete_experiment(client, claim_id)
     if expect is not None and expect != _v(current):  # (4)
         raise MoveConflict(
             f"{alias} of {name} points at {current or 'nothing'}, not {expect} as expected; nothing moved. "
@@ -268,48 +287,108 @@ def _move(
         completed=False,
         note=note,
     )
-    entry = _entry_name(record)
-    description = f"vitops alias history: {alias} of {name} {_v(current)} -> {_v(version)} by {record.user}: {reason}"
+    entry = _claim_name(record)
     claim = uuid.uuid4().hex  # tells our own claim, seen again after a retried request, from a rival's
     with server_errors(f"claiming history entry {entry}"):  # (5) one creator of this name succeeds
-        created = create_model(client, entry, tags=_tags(record) | {"claim": claim}, description=description)
-        if not created and client.get_registered_model(entry).tags.get("claim") != claim:
-            raise MoveConflict(
-                f"another move of {alias} of {name} won the race: entry {record.seq} ({entry}) exists; "
-                "nothing moved. Check the history and retry"
-            )
-    _apply(client, record)  # (6)
+        claim_id = create_experiment(client, entry, tags=_tags(record) | {"claim": claim})
+        if claim_id is None:
+            found = client.get_experiment_by_name(entry)
+            if found is None or found.tags.get("claim") != claim:
+                raise MoveConflict(
+                    f"another move of {alias} of {name} won the race: entry {record.seq} ({entry}) exists; "
+                    "nothing moved. Check the history and retry"
+                )
+            claim_id = found.experiment_id
+    _apply(client, record, claim_id)  # (6)
     log.info("%s of %s: %s -> %s (entry %d)", alias, name, _v(current), _v(version), record.seq)
     return record
 
 
-def _apply(client: Any, record: MoveRecord) -> None:
-    """Set or remove the alias of a claimed entry, then mark the entry completed."""
+def _apply(client: Any, record: MoveRecord, claim_id: str | None) -> None:
+    """Set or remove the alias of a claimed entry, log it in the ledger, then drop the claim (an entry of an older
+    vitops, which has no claim, is marked completed where it is)."""
     with server_errors(f"moving {record.alias} of {record.model} to {_v(record.to_version)}"):
         if record.to_version is None:
             client.delete_registered_model_alias(record.model, record.alias)  # no error when already unset
         else:
             client.set_registered_model_alias(record.model, record.alias, record.to_version)
-        client.set_registered_model_tag(_entry_name(record), "completed", "true")
-    record.completed = True
+        record.completed = True
+        _log_move(client, record)
+        if claim_id is not None:
+            delete_experiment(client, claim_id)
+        elif lookup(client.get_registered_model, _legacy_name(record)) is not None:
+            client.set_registered_model_tag(_legacy_name(record), "completed", "true")
+        show_aliases(client, record.model, ALIASES_TAG)
 
 
-def _entries(client: Any, name: str, alias: str | None) -> list[MoveRecord]:
-    prefix = f"{name}.history.{alias}." if alias else f"{name}.history."
-    records, token = [], None
+def _log_move(client: Any, record: MoveRecord) -> None:
+    """One run in the ledger experiment: the move's tags, its reason as the run's description."""
+    ledger_id = ensure_experiment(client, LEDGER, "Alias moves of the registered models, one run per move.")
+    approval = f"; approved by {record.approval.get('approver', '?')}" if record.approval else ""
+    text = f"**{record.alias}** of `{record.model}`: {_v(record.from_version)} → {_v(record.to_version)}{approval}"
+    note = "\n\n".join(filter(None, [text, f"Reason: {record.reason}", record.note]))
+    tags = _tags(record) | {"seq": str(record.seq), "mlflow.user": record.user, "mlflow.note.content": note}
+    run_name = f"{record.model} {record.alias} {_v(record.from_version)}->{_v(record.to_version)}"
+    start = int(datetime.fromisoformat(record.time).timestamp() * 1000) if record.time[:1].isdigit() else None
+    run = client.create_run(ledger_id, start_time=start, tags=tags, run_name=run_name)
+    client.set_terminated(run.info.run_id, "FINISHED")
+
+
+def _read(client: Any, name: str, alias: str | None) -> tuple[list[MoveRecord], dict[tuple[str, int], str]]:
+    """The history of (name, alias), and the open claims' experiment ids by (alias, seq).
+
+    Claims first: a move that completes while we read shows in the ledger, or its claim is still seen. One entry
+    per (alias, seq): the ledger's, else the open claim's, else an older vitops's registered model.
+    """
+    prefix = f"{CLAIM_PREFIX}/{name}/{alias}/" if alias else f"{CLAIM_PREFIX}/{name}/"
+    found: dict[tuple[str, int], MoveRecord] = {}
+    claims: dict[tuple[str, int], str] = {}
     with server_errors(f"reading the alias history of {name}"):
-        while True:
-            page = client.search_registered_models(f"name LIKE '{prefix}%'", max_results=1000, page_token=token)
-            for rm in page:  # LIKE reads `_` as a wildcard (and ignores case on SQLite): keep exact matches
-                match = _HISTORY_NAME.fullmatch(rm.name)
-                if match and match["model"] == name and rm.tags.get(HISTORY_TAG) == "true":
-                    records.append(_record(match, rm.tags))
-            token = page.token
-            if not token:
-                return sorted(records, key=lambda r: (r.alias, r.seq))
+        open_claims = all_pages(client.search_experiments, filter_string=f"name LIKE '{prefix}%'")  # active only
+        for exp in open_claims:
+            match = _CLAIM_NAME.fullmatch(exp.name)  # LIKE reads `_` as a wildcard: keep exact matches
+            if match and match["model"] == name and exp.tags.get(HISTORY_TAG) == "true":
+                record = _record(name, match["alias"], int(match["seq"]), exp.tags)
+                found[(record.alias, record.seq)] = record
+                claims[(record.alias, record.seq)] = exp.experiment_id
+        for record in _ledger(client, name, alias):
+            found[(record.alias, record.seq)] = record
+        for record in _legacy(client, name, alias):
+            found.setdefault((record.alias, record.seq), record)
+    return sorted(found.values(), key=lambda r: (r.alias, r.seq)), claims
 
 
-def _entry_name(record: MoveRecord) -> str:
+def _ledger(client: Any, name: str, alias: str | None) -> list[MoveRecord]:
+    """The ledger's runs of `name`, deleted ones too."""
+    from mlflow.entities import ViewType
+
+    ledger = client.get_experiment_by_name(LEDGER)
+    if ledger is None:
+        return []
+    query = f"tags.model = '{name}' AND tags.`{HISTORY_TAG}` = 'true'"
+    query += f" AND tags.alias = '{alias}'" if alias else ""
+    ids = [ledger.experiment_id]
+    found = all_pages(client.search_runs, experiment_ids=ids, filter_string=query, run_view_type=ViewType.ALL)
+    runs = {(r.data.tags["alias"], r.data.tags["seq"]): r for r in found}  # two movers may roll one forward
+    return [_record(name, a, int(seq), r.data.tags) for (a, seq), r in runs.items()]
+
+
+def _legacy(client: Any, name: str, alias: str | None) -> list[MoveRecord]:
+    """The entries an older vitops kept as registered models named `NAME.history.ALIAS.N`."""
+    prefix = f"{name}.history.{alias}." if alias else f"{name}.history."
+    records = []
+    for rm in all_pages(client.search_registered_models, filter_string=f"name LIKE '{prefix}%'"):
+        match = _HISTORY_NAME.fullmatch(rm.name)  # LIKE reads `_` as a wildcard (and ignores case on SQLite)
+        if match and match["model"] == name and rm.tags.get(HISTORY_TAG) == "true":
+            records.append(_record(name, match["alias"], int(match["seq"]), rm.tags))
+    return records
+
+
+def _claim_name(record: MoveRecord) -> str:
+    return f"{CLAIM_PREFIX}/{record.model}/{record.alias}/{record.seq:06d}"
+
+
+def _legacy_name(record: MoveRecord) -> str:
     return f"{record.model}.history.{record.alias}.{record.seq:06d}"
 
 
@@ -325,13 +404,13 @@ def _tags(record: MoveRecord) -> dict[str, str]:
     }
 
 
-def _record(match: re.Match[str], tags: dict[str, str]) -> MoveRecord:
+def _record(model: str, alias: str, seq: int, tags: dict[str, str]) -> MoveRecord:
     text = {key: tags.get(key, "") for key in ("time", "user", "host", "flow_run_id", "reason", "note")}
     versions = {key: None if tags.get(key, "none") == "none" else tags[key] for key in ("from_version", "to_version")}
     return MoveRecord(
-        seq=int(match["seq"]),
-        model=match["model"],
-        alias=match["alias"],
+        seq=seq,
+        model=model,
+        alias=alias,
         approval=json.loads(tags["approval"]) if tags.get("approval") else None,
         override=tags.get("override") == "true",
         completed=tags.get("completed") == "true",

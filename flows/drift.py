@@ -33,7 +33,7 @@ from prefect.states import Completed, Failed
 
 from vitops.flows import registry, tracking
 from vitops.flows.config import DEFAULT_PARAMS, load_params
-from vitops.flows.records import artifact_key
+from vitops.flows.records import artifact_key, stage_logs
 from vitops.flows.retries import TRANSIENT
 from vitops.flows.settings import run_context
 from vitops.flows.tracking import RunContext
@@ -157,7 +157,8 @@ def record(result: DriftResult, images: Any, run: RunContext, flow_run_id: str) 
                 images.to_csv(Path(tmp) / "logged_images.csv", index=False)
                 handle.log_artifact(Path(tmp) / "logged_images.csv", artifact_path="drift")
         run_id = handle.run_id
-    create_markdown_artifact(_markdown(result, tracking.run_url(run_id)), key=artifact_key(result.model, "drift"),
+    where = tracking.run_url(run_id) or tracking.local_ui_hint(run_id)
+    create_markdown_artifact(_markdown(result, where), key=artifact_key(result.model, "drift"),
                              description=f"drift check: {result.state}")  # fmt: skip
     return run_id
 
@@ -169,7 +170,8 @@ def _markdown(result: DriftResult, url: str) -> str:
     if result.kl:
         lines += ["| statistic | KL divergence | over the threshold |", "| --- | ---: | --- |"]
         lines += [f"| {k} | {v:.4g} | {'yes' if v > result.threshold else ''} |" for k, v in result.kl.items()]
-    return "\n".join([*lines, "", f"MLflow run: {url}"])
+    link = f"[MLflow run]({url})" if url.startswith("http") else f"MLflow: {url}"
+    return "\n".join([*lines, "", link])
 
 
 def emit_detected(result: DriftResult, mlflow_run: str) -> None:
@@ -209,6 +211,7 @@ def record_task(result: DriftResult, images: Any, run: RunContext, flow_run_id: 
 
 
 @flow(name="drift", retries=0, log_prints=True)
+@stage_logs()  # the stages' own INFO lines on the run page
 def drift(
     model_name: str | None = None,
     since: str | None = None,

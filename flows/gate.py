@@ -252,7 +252,7 @@ def gate(
         kpi_metrics,
         paired_uplift,
     )
-    from vitops.deploy.kpi_report import format_kpi_table, write_report
+    from vitops.deploy.kpi_report import format_kpi_table, markdown_kpi_table, write_report
     from vitops.vit.bundle import WEIGHTS_FILE, read_meta
 
     prices = settings.prices
@@ -316,6 +316,7 @@ def gate(
             "reference_version": ref_version,
             "weights_sha256": weights_sha,
             "metrics": kpi_metrics(candidate, reference, uplift),
+            "kpi_table_markdown": markdown_kpi_table(candidate, reference, uplift, decision),  # for descriptions
         },
     )
     run_id = None

@@ -74,7 +74,7 @@ def register_version(
                 source=f"{artifact_uri}/{path}",
                 run_id=run_id,
                 tags={k: str(v) for k, v in tags.items()},
-                description=description,
+                description=description[:5000],  # the SQL store's column
             )
     log.info("registered %s version %s from run %s", name, version.version, run_id)
     return str(version.version)

@@ -134,6 +134,7 @@ def move_task(
 
 
 @flow(name="pilot", retries=0, log_prints=True)
+@records.stage_logs()  # the stages' own INFO lines on the run page
 def pilot(
     stage: Literal["shadow", "canary", "promote", "rollback"],
     model_name: str | None = None,

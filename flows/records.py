@@ -1,7 +1,9 @@
 """What a retrain and a pilot leave behind for the next run and for people.
 
-- A retrain: its outcome on its MLflow run (read back by the skip decision on any machine) and its Prefect
-  artifacts (the KPI table, the gate decision, links).
+- A retrain: its outcome, KPI metrics and description on its MLflow run (the outcome is read back by the skip
+  decision on any machine), the data gate's Data Docs as an artifact of that run, and its Prefect artifacts (the
+  KPI table, the gate decision, links to the MLflow run, the version and the Data Docs by the tracking server's
+  URL); `stage_logs` sends the vitops loggers' records to the Prefect run page.
 - A pilot stage: an MLflow run naming both versions (metrics, report, predictions), the stage's record on the
   candidate version's tags (read back by `promote`), and Prefect artifacts for the run page; and the stage the
   version is piloted in (`pilot.stage`, `pilot.canary_fraction`, `pilot.stage_since`), which the endpoints read.
@@ -9,18 +11,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import re
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vitops.common.files import utc_now
-from vitops.flows import registry, tracking
+from vitops.flows import registry, summaries, tracking
 
 if TYPE_CHECKING:
     from vitops.flows.pilot_batch import StageResult, Versions
 
 OUTCOME_TAG = "vitops.outcome"
+DATA_DOCS = "data/data-docs/index.html"  # the Data Docs site's index, an artifact of the run that validated
 INPUT_TAGS = ("data_version", "params_hash", "code_version")
 # Tags of a pilot stage's MLflow run.
 PILOT_STAGE_TAG, PILOT_OUTCOME_TAG = "vitops.pilot.stage", "vitops.pilot.outcome"
@@ -57,51 +64,91 @@ def last_success(model: str) -> dict[str, Any] | None:
     }
 
 
-def record_outcome(run: Any, outcome: str, version: str | None) -> None:
-    """Tag the retrain's parent run with how it ended (passed, kpi-gate-failed, data-gate-failed)."""
+def record_outcome(run: Any, outcome: str, version: str | None, metrics: dict[str, float] | None = None) -> None:
+    """Tag the retrain's parent run with how it ended (passed, kpi-gate-failed, data-gate-failed, ...) and log the
+    gate's KPI metrics on it."""
     run.set_tags({OUTCOME_TAG: outcome, "vitops.registered_version": version or "none"})
+    if metrics:
+        run.log_metrics(metrics)
+
+
+def keep_data_docs(run: Any, report: Path) -> str | None:
+    """Log the Data Docs site beside the data gate's `report` (`<report folder>/data_docs/`) into the run, so its
+    link works from any machine; its index's artifact path (`DATA_DOCS`), or None when there is no site."""
+    site = Path(report).parent / "data_docs"
+    if not (site / "index.html").is_file():
+        return None
+    run.log_artifact(site, artifact_path=str(Path(DATA_DOCS).parent))
+    return DATA_DOCS
+
+
+def record_data_gate_failure(run: Any, checked: Any) -> None:
+    """The parent run of a retrain whose data gate said no: the report and the Data Docs, the failures as its
+    description."""
+    links = {}
+    if Path(checked.report_path).is_file():
+        run.log_artifact(checked.report_path, artifact_path="data")
+        links["validation report"] = tracking.run_link(run.run_id, f"data/{Path(checked.report_path).name}")
+    docs = keep_data_docs(run, checked.report_path)
+    links["Data Docs"] = tracking.run_link(run.run_id, docs) if docs else ""
+    run.set_description(summaries.data_gate_markdown(checked.failures, links, checked.rejected))
+
+
+@contextlib.contextmanager
+def stage_logs(level: int = logging.INFO) -> Iterator[None]:
+    """While a flow runs, send the records of the vitops loggers (the stages') at `level` and above to its run
+    page through Prefect's API log handler; the terminal's handlers and levels stay as they are."""
+    from prefect.logging.handlers import APILogHandler
+
+    logger, handler = logging.getLogger("vitops"), APILogHandler(level=level)
+    before = logger.level
+    if logger.getEffectiveLevel() > level:
+        logger.setLevel(level)  # the terminal's handlers filter by their own levels
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(before)
 
 
 def publish_artifacts(model: str, run_id: str, gate: Any, registered: Any, checked: Any) -> None:
-    """The KPI table, the gate decision and links to the MLflow run, the version and the Data Docs."""
+    """The KPI table, the gate decision and links to the MLflow run, the version and the Data Docs (by the tracking
+    server's URL; a local store has none, and the decision says where to look instead)."""
     from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-    url = tracking.run_url(run_id)
-    if url.startswith("http"):
-        create_link_artifact(url, link_text=f"MLflow run {run_id}", key=artifact_key(model, "mlflow-run"))
-    docs = Path(checked.data_docs) if checked is not None else None
-    if docs is not None and docs.is_file():
-        create_link_artifact(docs.resolve().as_uri(), link_text="Great Expectations Data Docs",
-                             key=artifact_key(model, "data-docs"))  # fmt: skip
+    run_url = tracking.run_url(run_id)
+    if run_url:
+        create_link_artifact(run_url, link_text=f"MLflow run {run_id}", key=artifact_key(model, "mlflow-run"))
+    docs_url = tracking.run_url(run_id, DATA_DOCS)
+    if docs_url and checked is not None and Path(checked.data_docs).is_file():
+        create_link_artifact(docs_url, link_text="Great Expectations Data Docs", key=artifact_key(model, "data-docs"))
+    where = "" if run_url else f"MLflow: {tracking.local_ui_hint(run_id)}"
     if gate is None:
-        create_markdown_artifact(
-            "## Data gate failed\n\n" + "\n".join(f"- {f}" for f in checked.failures),
-            key=artifact_key(model, "gate-decision"),
-            description="the data gate's failures",
-        )
+        links = {"MLflow run": run_url or "", "Data Docs": docs_url or ""}
+        lines = [summaries.data_gate_markdown(checked.failures, links, checked.rejected)]
+        create_markdown_artifact("\n".join([*lines, where]), key=artifact_key(model, "gate-decision"),
+                                 description="the data gate's failures")  # fmt: skip
         return
     rows = [
-        {"kpi": c.kpi, "check": c.name, "value": round(c.value, 6), "threshold": round(c.threshold, 6),
-         "verdict": "PASS" if c.passed else "FAIL", "reason": c.reason}
+        {
+            "kpi": c.kpi,
+            "check": c.name,
+            "value": round(c.value, 6),
+            "threshold": round(c.threshold, 6),
+            "verdict": "PASS" if c.passed else "FAIL",
+        }
         for c in gate.decision.checks
-    ]  # fmt: skip
+    ]  # fmt: skip; the reasons, too long for a table cell, are in full in the gate decision
     create_table_artifact(rows, key=artifact_key(model, "kpi-table"), description=f"KPIs against {gate.reference_kind}")
-    version = registered.version
-    alias = "alias `candidate` moved to it" if registered.candidate else "no alias: the gate failed"
-    lines = [
-        f"## {model} version {version}: KPI gate {'passed' if gate.passed else 'FAILED'}",
-        "",
-        f"{gate.decision.summary()}; {alias}.",
-        "",
-        *[f"- {line}" for line in gate.decision.reasons()],
-        "",
-        f"MLflow run: {url}",
-        f"Report: {gate.report[0]}",
-    ]
-    create_markdown_artifact("\n".join(lines), key=artifact_key(model, "gate-decision"), description="gate decision")
-    if url.startswith("http"):
-        base = url.split("/#/")[0]
-        create_link_artifact(f"{base}/#/models/{model}/versions/{version}", link_text=f"{model} version {version}",
+    version_url = tracking.ui_url(f"#/models/{model}/versions/{registered.version}")
+    links = {"MLflow run": run_url} | {title: tracking.ui_url(link) for title, link in registered.links.items() if link}
+    decision = json.loads(Path(gate.decision_file).read_text(encoding="utf-8"))
+    text = summaries.gate_markdown(decision, registered.facts, {"version": version_url, **links})
+    create_markdown_artifact("\n".join([text, where]), key=artifact_key(model, "gate-decision"),
+                             description="gate decision")  # fmt: skip
+    if version_url:
+        create_link_artifact(version_url, link_text=f"{model} version {registered.version}",
                              key=artifact_key(model, "registered-version"))  # fmt: skip
 
 
@@ -206,7 +253,7 @@ def publish_pilot_artifacts(
         ]  # fmt: skip
         create_table_artifact(rows, key=artifact_key(model, f"pilot-{stage}-models"), description=f"pilot {stage}")
     url = tracking.run_url(run_id)
-    if url.startswith("http"):
+    if url:
         create_link_artifact(url, link_text=f"MLflow run {run_id}", key=artifact_key(model, f"pilot-{stage}-run"))
 
 

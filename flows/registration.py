@@ -1,21 +1,28 @@
 """The register stage: a gated candidate becomes a new registry version, and `candidate` points at it only
 when its gate passed.
 
-    register(model_dir, inputs, model, params_hash, run)   the version with its KPI, gate, data and code tags;
-                                                           alias `candidate` when the gate passed -> RegisterResult
+    register(model_dir, inputs, model, params_hash, run)   the version with its KPI, gate, data and code tags, and
+                                                           a Markdown description for people (verdict, KPI table,
+                                                           engine, data, links); alias `candidate` when the gate
+                                                           passed -> RegisterResult
 
-Every evaluated candidate is registered, passed or not, so the registry's history is complete.
+Every evaluated candidate is registered, passed or not, so the registry's history is complete. Inside a retrain
+the version is registered from the retrain's parent run (so the run page lists it and holds its KPIs); alone
+(`vitops register`), from the candidate's training run. The data gate's report, manifest and Data Docs travel
+with the version's run as artifacts under `data/`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from vitops.common.files import sha256_file
 from vitops.deploy.engine_meta import engine_files
-from vitops.flows import aliases, packaging, tracking
+from vitops.flows import aliases, packaging, records, summaries, tracking
 from vitops.flows.config import Params
 from vitops.flows.gate import DECISION_FILE, GateInputError
 from vitops.flows.tracking import RunContext
@@ -29,6 +36,8 @@ class RegisterResult:
     candidate: bool  # whether `candidate` now points at this version
     run_id: str
     tags: dict[str, str] = field(default_factory=dict)
+    facts: dict[str, str] = field(default_factory=dict)  # what the descriptions say (`summaries.gate_markdown`)
+    links: dict[str, str] = field(default_factory=dict)  # title -> MLflow UI link, relative (`#/experiments/...`)
 
 
 @dataclass(frozen=True)
@@ -117,26 +126,35 @@ def register(
     run.configure()
     name = model
     train_run = meta.extra.get("mlflow_run_id")
-    with tracking.start_or_resume_run("register", train_run, {"stage": "register"}, run.parent_run_id) as handle:
+    with _version_run(train_run, run.parent_run_id) as handle:
+        links = {"training run": tracking.run_link(train_run) if train_run and train_run != handle.run_id else ""}
+        if train_run:  # the gate logged its report (with the plots) into the training run
+            links["KPI report"] = tracking.run_link(train_run, "gate/report.md")
         report = Path(inputs.validation_report)
         if report.is_file():  # the data gate's verdict travels with the version (lineage)
             handle.log_artifact(report, artifact_path="data")
             tags["validation.report"] = f"runs:/{handle.run_id}/data/{report.name}"
             tags["validation.summary"] = _validation_summary(report)
+            links["validation report"] = tracking.run_link(handle.run_id, f"data/{report.name}")
+            docs = records.keep_data_docs(handle, report)
+            links["Data Docs"] = tracking.run_link(handle.run_id, docs) if docs else ""
         manifest = Path(inputs.manifest)
         if manifest.is_file():  # the training data's manifest: the pilot's drift reference on any machine
             handle.log_artifact(manifest, artifact_path="data")
             tags["validation.manifest"] = f"runs:/{handle.run_id}/data/{manifest.name}"
+        facts = {
+            "model": name,
+            "alias": "moved to this version" if decision["passed"] else "not moved: the gate failed",
+            "engine": summaries.engine_fact(decision, serving),
+            **{k: tags.get(k, "") for k in ("data_version", "git_commit", "params_hash")},
+            "validation": tags.get("validation.summary", ""),
+        }
         version = packaging.register_version(
-            name,
-            handle.run_id,
-            model_dir,
-            Path(inputs.onnx),
-            engines,
-            serving,
-            tags,
-            description=decision["decision"].get("summary", ""),
-        )
+            name, handle.run_id, model_dir, Path(inputs.onnx), engines, serving, tags,
+            description=summaries.gate_markdown(decision, facts, links),
+        )  # fmt: skip
+        facts["version"] = version  # the run's description names it
+        handle.set_description(summaries.gate_markdown(decision, facts, links))
         handle.set_tags({"registered_model": name, "registered_version": version})
     moved = False
     if decision["passed"]:
@@ -144,7 +162,15 @@ def register(
             name, "candidate", version, expect=None, reason="passed the KPI gate", flow_run_id=flow_run_id
         )
         moved = True
-    return RegisterResult(name, version, bool(decision["passed"]), moved, handle.run_id, tags)
+    return RegisterResult(name, version, bool(decision["passed"]), moved, handle.run_id, tags, facts, links)
+
+
+def _version_run(train_run: str | None, parent_run: str | None) -> Any:
+    """The run that owns the version: the retrain's parent run (left open for its flow), else the training run
+    (resumed; a new `register` run when the server does not have it)."""
+    if parent_run:
+        return contextlib.nullcontext(tracking.attach_run(parent_run))
+    return tracking.start_or_resume_run("register", train_run, {"stage": "register"}, None)
 
 
 def _validation_summary(report: Path) -> str:

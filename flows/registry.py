@@ -20,7 +20,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,33 @@ def version_info(name: str, ref: str) -> VersionInfo:
     return VersionInfo(
         name, str(mv.version), mv.run_id or "", mv.source, dict(mv.tags), holds, mv.description or "", created
     )
+
+
+def version_facts(name: str, ref: str) -> dict[str, Any]:
+    """A version's records, as data: `version` (VersionInfo as a dict: tags with data version, git commit, params
+    hash, KPIs), `gate` (passed, reasons), `run` and `train_run` (params, metrics, tags; the training run from the
+    tag `train_run_id`, None when absent or the same run), `serving` (serving.json) and `engines` (each with
+    target, precision, p50, sha256 and build metadata)."""
+    import mlflow
+
+    info = version_info(name, ref)
+    client = mlflow_client()
+    train_run_id = info.tags.get("train_run_id", "")
+    has_train_run = train_run_id not in ("", "None", "none", info.run_id)
+    with (
+        tempfile.TemporaryDirectory(prefix="vitops-lineage-") as tmp,
+        server_errors(f"reading serving.json of {info.source}"),
+    ):
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{info.source}/artifacts/serving.json", dst_path=tmp)
+        serving = json.loads(Path(local).read_text(encoding="utf-8"))
+    return {
+        "version": asdict(info),
+        "gate": {"passed": info.tags.get("gate.passed"), "reasons": info.tags.get("gate.reasons")},
+        "run": run_data(client, info.run_id) if info.run_id else None,
+        "train_run": run_data(client, train_run_id) if has_train_run else None,
+        "serving": serving,
+        "engines": serving.get("engines", []),
+    }
 
 
 def current_aliases(name: str) -> dict[str, str]:
@@ -254,6 +281,58 @@ def create_model(client: Any, name: str, **kwargs: Any) -> bool:
             return False
         raise
     return True
+
+
+def create_experiment(client: Any, name: str, tags: dict[str, str]) -> str | None:
+    """Create an experiment; its id, or None when the name is taken (deleted experiments keep theirs)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(name, tags=tags)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_ALREADY_EXISTS":
+            return None
+        raise
+
+
+def ensure_experiment(client: Any, name: str, description: str) -> str:
+    """The id of the active experiment `name`, created (with its description) when missing."""
+    found = client.get_experiment_by_name(name)
+    if found is not None and found.lifecycle_stage != "active":
+        raise RegistryError(f"the experiment {name} is deleted at {server_uri()}: `mlflow experiments restore` it")
+    if found is not None:
+        return found.experiment_id
+    created = create_experiment(client, name, {"mlflow.note.content": description})
+    return created or client.get_experiment_by_name(name).experiment_id  # or another process created it first
+
+
+def delete_experiment(client: Any, experiment_id: str) -> None:
+    """Soft-delete an experiment (its name stays reserved); no error when it is deleted already."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.delete_experiment(experiment_id)
+    except MlflowException as err:
+        log.debug("experiment %s already deleted: %s", experiment_id, err)
+
+
+def all_pages(search: Any, **kwargs: Any) -> list[Any]:
+    """Every result of an MLflow search (`search_runs`, `search_experiments`, ...), page by page."""
+    items, token = [], None
+    while True:
+        page = search(max_results=1000, page_token=token, **kwargs)
+        items += list(page)
+        token = page.token
+        if not token:
+            return items
+
+
+def show_aliases(client: Any, name: str, tag: str) -> None:
+    """Tag the registered model with its aliases, champion first (MLflow's model list shows only the newest
+    version's alias, so `champion` hides behind `+2` there); display only, the registry's aliases are the truth."""
+    held = read_model(client, name).aliases or {}
+    shown = " · ".join(f"{a} v{held[a]}" for a in reversed(ALIASES) if a in held)
+    client.set_registered_model_tag(name, tag, shown or "none")
 
 
 def read_model(client: Any, name: str) -> Any:

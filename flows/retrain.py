@@ -15,6 +15,7 @@ concurrency limit `retrain-<model>`.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -42,7 +43,13 @@ from vitops.flows.config import (
 from vitops.flows.engines import BuildResult, build
 from vitops.flows.evaluation import EvalSettings, EvaluateResult, evaluate
 from vitops.flows.gate import GateInputs, GateResult, GateSettings, champion_version, gate
-from vitops.flows.records import last_success, publish_artifacts, record_outcome
+from vitops.flows.records import (
+    last_success,
+    publish_artifacts,
+    record_data_gate_failure,
+    record_outcome,
+    stage_logs,
+)
 from vitops.flows.registration import RegisterInputs, RegisterResult, register
 from vitops.flows.retries import TRANSIENT
 from vitops.flows.settings import Dataset, Recipe, recipe_for, run_context
@@ -134,6 +141,7 @@ def ensure_limit(name: str, limit: int = 1) -> None:
 
 
 @flow(name="retrain", retries=0, log_prints=True)
+@stage_logs()  # the stages' own INFO lines on the run page
 def retrain(
     model_name: str | None = None,
     data: str | None = None,
@@ -164,8 +172,10 @@ def retrain(
 def _run(params: Params, params_file: str, force: bool, nproc_per_node: int) -> Any:
     """One retrain, top to bottom: each stage's result feeds the next."""
     from prefect.runtime import flow_run
+    from prefect.utilities.urls import url_for
 
     from vitops.deploy.parity import ParityError
+    from vitops.flows.summaries import key_params
     from vitops.flows.versioning import code_version
 
     name, raw = params.tracking.registered_model, Path(params.data.raw_dir)
@@ -187,14 +197,17 @@ def _run(params: Params, params_file: str, force: bool, nproc_per_node: int) -> 
     flow_run_id = str(flow_run.id or "")
     tags = {"stage": "retrain", "vitops.model": name, "prefect.flow_run_id": flow_run_id}
     tags |= {f"vitops.{k}": v for k, v in inputs.items()}
-    if flow_run.ui_url:
-        tags["prefect.flow_run_url"] = flow_run.ui_url
+    ui = url_for("flow-run", obj_id=flow_run_id) if flow_run_id else None  # None without a known Prefect API
+    if ui:
+        tags["prefect.flow_run_url"] = ui
     with tracking.start_run(f"retrain-{name}", tags=tags) as parent:
+        parent.log_params(key_params(params, inputs))
         run = run_context(params, parent_run_id=parent.run_id)  # every stage's run becomes its child
         checked = validate_task(raw, params.validate_, params.data)
         if not checked.passed:
             reasons = "; ".join(checked.failures) or "see the validation report"
             record_outcome(parent, "data-gate-failed", None)
+            record_data_gate_failure(parent, checked)
             publish_artifacts(name, parent.run_id, None, None, checked)
             message = f"data gate failed for {checked.data}: {reasons} ({checked.report_path})"
             return Failed(name=DATA_GATE_FAILED, message=message)
@@ -210,13 +223,15 @@ def _run(params: Params, params_file: str, force: bool, nproc_per_node: int) -> 
             built = build_task(trained, dataset, params.export, params.engine)
         except ParityError as err:  # an explicit engine target whose parity gate said no
             record_outcome(parent, "engine-gate-failed", None)
+            parent.set_description(f"### Engine gate FAILED: nothing registered\n\n{err}")
             return Failed(name=ENGINE_GATE_FAILED, message=f"{err}; nothing registered, no alias moved")
         benched = bench_task(trained, built, params.bench, run)
         gate_inputs = _with_candidate(references, evaluated, benched, dataset)
         gated = gate_task(trained, gate_inputs, GateSettings.from_params(params), run)
         records = _register_inputs(checked, built, benched, gated)
         registered = register_task(trained, records, name, inputs["params_hash"], run, flow_run_id)
-        record_outcome(parent, "passed" if gated.passed else "kpi-gate-failed", registered.version)
+        metrics = json.loads(gated.decision_file.read_text(encoding="utf-8"))["metrics"]
+        record_outcome(parent, "passed" if gated.passed else "kpi-gate-failed", registered.version, metrics)
         publish_artifacts(name, parent.run_id, gated, registered, checked)
     summary = f"{name} version {registered.version}: KPI gate {gated.decision.summary()}"
     if not gated.passed:

@@ -100,6 +100,12 @@ class RunHandle:
 
         self._batch(tags=[RunTag(k, _short(v, 5000)) for k, v in tags.items()])
 
+    def set_description(self, markdown: str) -> None:
+        """The run's description (Markdown, shown at the top of its page in the MLflow UI)."""
+        from mlflow.entities import RunTag
+
+        self._batch(tags=[RunTag("mlflow.note.content", _short(markdown, 8000))])
+
     def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
         """Upload one file or a whole folder."""
         from mlflow import MlflowClient
@@ -230,15 +236,34 @@ def download_artifact(artifact_uri: str, dst: Path) -> Path:
         raise TrackingError(f"cannot download {artifact_uri} from MLflow at {where}: {err}") from err
 
 
-def run_url(run_id: str) -> str:
-    """A link to the run in the MLflow UI, or the command that opens the UI on a local store."""
+def run_link(run_id: str, artifact: str | None = None) -> str:
+    """The run's page (or one of its artifacts) in the MLflow UI, relative (`#/experiments/...`): a description
+    that holds it links right on whatever host serves the UI."""
+    from mlflow import MlflowClient
+
+    experiment = MlflowClient().get_run(run_id).info.experiment_id
+    return f"#/experiments/{experiment}/runs/{run_id}" + (f"/artifacts/{artifact}" if artifact else "")
+
+
+def ui_url(link: str) -> str | None:
+    """An MLflow UI link (`run_link`, `#/models/...`) made absolute by the tracking server's URL; None when the
+    tracking URI is no HTTP server (a local store has no UI to link to)."""
     import mlflow
 
     uri = mlflow.get_tracking_uri()
-    run = mlflow.get_run(run_id)
-    if uri.startswith("http"):
-        return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
-    return f"mlflow ui --backend-store-uri {uri}  (then experiment {run.info.experiment_id}, run {run_id})"
+    return f"{uri.rstrip('/')}/{link}" if uri.startswith(("http://", "https://")) else None
+
+
+def run_url(run_id: str, artifact: str | None = None) -> str | None:
+    """The absolute URL of the run (or one of its artifacts) in the MLflow UI, or None on a local store."""
+    return ui_url(run_link(run_id, artifact))
+
+
+def local_ui_hint(run_id: str) -> str:
+    """Where a run on a local store is seen: the command that serves the UI, and the run id."""
+    import mlflow
+
+    return f"run `{run_id}` on the local store: `mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}`"
 
 
 def find_runs(filter_string: str, max_results: int = 1) -> list[dict[str, Any]]:
@@ -333,6 +358,16 @@ def _is_number(value: Any) -> bool:
 def _short(value: Any, limit: int = 500) -> str:
     text = str(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def attach_run(run_id: str) -> RunHandle:
+    """A handle on an existing run (a retrain's parent, open in its flow) that leaves its status to its owner."""
+    from mlflow import MlflowClient
+
+    try:
+        return RunHandle(run_id, MlflowClient().get_run(run_id).info.artifact_uri)
+    except Exception as err:  # MlflowException, connection errors
+        raise TrackingError(f"cannot read MLflow run {run_id}: {err}") from err
 
 
 @contextlib.contextmanager

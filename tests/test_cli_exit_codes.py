@@ -55,3 +55,13 @@ def test_a_crash_is_3_with_its_traceback(monkeypatch: pytest.MonkeyPatch, capsys
     assert main(["data", "version"]) == 3
     err = capsys.readouterr().err
     assert "Traceback" in err and "ZeroDivisionError: a bug in vitops" in err and "crashed" in err
+
+
+def test_global_options_go_before_or_after_the_subcommand(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.yaml"
+    given = ["--params", str(missing)]
+    for argv in ([*given, "retrain"], ["retrain", *given], ["data", "version", *given], ["retrain", "-v", *given]):
+        assert main(argv) == 2, argv
+        assert f"{missing}: no such parameter file" in capsys.readouterr().err
+    assert main(["validate", str(tmp_path / "absent"), "-v"]) == 2
+    assert "Traceback" in capsys.readouterr().err

@@ -24,6 +24,7 @@ FLOWS_LAYERS = {
     "pyfunc_model": 1,
     "versioning": 1,
     "settings": 2,
+    "summaries": 2,
     "records": 3,
     "validation": 3,
     "training": 3,

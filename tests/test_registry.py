@@ -1,12 +1,15 @@
 """The registry against a real MLflow server: registration with its serving artifacts, gated and checked alias
-moves, a race of two promoter processes, rollback, the history seen from another process, stale claims, and
-refused input that leaves the registry exactly as it was."""
+moves, a race of two promoter processes, a mover killed mid-move, the claim's atomicity (experiment names, deleted
+ones included, from two processes), rollback, the history seen from another process, stale claims, the history an
+older vitops kept as registered models (read, rolled forward, migrated), and refused input that leaves the
+registry exactly as it was."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import signal
 import subprocess
 import sys
 import time
@@ -21,7 +24,7 @@ from helpers.servers import forget_tracking_uri
 from mlflow import MlflowClient
 
 from vitops.flows import aliases, packaging, registry
-from vitops.flows.aliases import MoveConflict
+from vitops.flows.aliases import CLAIM_PREFIX, LEDGER, MoveConflict
 from vitops.flows.registry import RegistryError
 
 pytestmark = pytest.mark.integration
@@ -42,6 +45,19 @@ def state(name: str) -> dict[str, Any]:
 
 def champion(name: str) -> str | None:
     return MlflowClient().get_registered_model(name).aliases.get("champion")
+
+
+def _three_versions_v1_champion(prefix: str, release: Release, reason: str) -> tuple[str, str, str, str]:
+    """A new model with three versions, the first of them champion through a recorded move."""
+    name = unique(prefix)
+    v1, v2, v3 = (register(name, release) for _ in range(3))
+    aliases.move_alias(name, "champion", v1, expect="none", reason=reason)
+    return name, v1, v2, v3
+
+
+def open_claims(name: str) -> list[str]:
+    """Claims of `name` still in the experiment list (active experiments)."""
+    return [e.name for e in MlflowClient().search_experiments(filter_string=f"name LIKE '{CLAIM_PREFIX}/{name}/%'")]
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +86,27 @@ def test_registered_version_carries_tags_artifacts_and_lineage(server: str, rele
     assert facts["serving"]["onnx"]["sha256"] == sha256(release.onnx)
     assert [(m["alias"], m["to_version"]) for m in facts["moves"]] == [("candidate", "1")]
     assert not aliases.is_history_model(name) and aliases.is_history_model(f"{name}.history.candidate.000001")
+
+
+def test_moves_leave_the_model_and_experiment_lists_clean(server: str, release: Release) -> None:
+    name = unique("lists")
+    v1, v2 = register(name, release), register(name, release)
+    aliases.move_alias(name, "candidate", v2, expect=None, reason="passed the KPI gate")
+    aliases.move_alias(name, "pilot", v1, expect="none", reason="shadow first")
+    aliases.move_alias(name, "champion", v1, expect="none", reason="approved", approval={"approver": "ann"})
+    client = MlflowClient()
+    assert state(name)["models"] == [name] and open_claims(name) == []  # no history rows, no claims left
+    claim = client.get_experiment_by_name(f"{CLAIM_PREFIX}/{name}/champion/000001")
+    assert claim.lifecycle_stage == "deleted" and claim.tags["to_version"] == v1  # the reserved name
+    ledger = client.get_experiment_by_name(LEDGER)
+    runs = client.search_runs([ledger.experiment_id], f"tags.model = '{name}'", order_by=["attributes.start_time"])
+    assert [(r.data.tags["alias"], r.data.tags["to_version"]) for r in runs] == [
+        ("candidate", v2), ("pilot", v1), ("champion", v1),
+    ]  # fmt: skip
+    champ = runs[-1]
+    assert champ.info.status == "FINISHED" and champ.data.tags["mlflow.user"] == champ.data.tags["user"]
+    assert "approved by ann" in champ.data.tags["mlflow.note.content"]
+    assert client.get_registered_model(name).tags["vitops.aliases"] == f"champion v{v1} · pilot v{v1} · candidate v{v2}"
 
 
 def test_failed_gate_is_refused_unless_overridden_with_a_reason(server: str, release: Release) -> None:
@@ -119,25 +156,42 @@ print("won entry", record.seq)
 """
 
 
-def test_two_racing_promoters_exactly_one_wins(server: str, release: Release, tmp_path: Path) -> None:
-    name = unique("race")
-    v1, v2, v3 = (register(name, release) for _ in range(3))
-    aliases.move_alias(name, "champion", v1, expect="none", reason="start")
+CREATOR = """
+import sys, time
+from pathlib import Path
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+go, ready, name = sys.argv[1:]
+Path(ready).touch()
+while not Path(go).exists():
+    time.sleep(0.002)
+try:
+    MlflowClient().create_experiment(name)
+except MlflowException as err:
+    print(err.error_code)
+    sys.exit(3)
+print("created")
+"""
+
+
+def _race(script: str, tmp_path: Path, runs: dict[str, list[str]]) -> dict[str, tuple[int, str]]:
+    """Start one process per key with `script GO READY *args`, release them together, return (code, output)."""
     go = tmp_path / "go"
-    racers = {
-        v: subprocess.Popen(
-            [sys.executable, "-c", RACER, str(go), str(tmp_path / f"ready-{v}"), name, v, v1],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for v in (v2, v3)
-    }
+    procs = {
+        key: subprocess.Popen([sys.executable, "-c", script, str(go), str(tmp_path / f"ready-{key}"), *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for key, args in runs.items()
+    }  # fmt: skip
     deadline = time.monotonic() + 60
-    while not all((tmp_path / f"ready-{v}").exists() for v in racers) and time.monotonic() < deadline:
+    while not all((tmp_path / f"ready-{key}").exists() for key in procs) and time.monotonic() < deadline:
         time.sleep(0.01)
-    go.touch()  # both are polling: released within milliseconds of each other
-    results = {v: (p.wait(timeout=120), p.stdout.read()) for v, p in racers.items()}  # type: ignore[union-attr]
+    go.touch()  # all are polling: released within milliseconds of each other
+    return {key: (p.wait(timeout=120), p.stdout.read()) for key, p in procs.items()}  # type: ignore[union-attr]
+
+
+def test_two_racing_promoters_exactly_one_wins(server: str, release: Release, tmp_path: Path) -> None:
+    name, v1, v2, v3 = _three_versions_v1_champion("race", release, reason="start")
+    results = _race(RACER, tmp_path, {v: [name, v, v1] for v in (v2, v3)})
     codes = sorted(code for code, _ in results.values())
     assert codes == [0, 3], results
     winner = next(v for v, (code, _) in results.items() if code == 0)
@@ -146,6 +200,49 @@ def test_two_racing_promoters_exactly_one_wins(server: str, release: Release, tm
     entries = aliases.history(name, "champion")
     assert [(e.seq, e.from_version, e.to_version) for e in entries] == [(1, None, v1), (2, v1, winner)]
     assert all(e.completed for e in entries) and champion(name) == winner
+
+
+def test_experiment_names_are_claimed_once_deleted_ones_included(server: str, tmp_path: Path) -> None:
+    # The claim's atomicity, from two processes against the real server (SQLite-backed SQL store).
+    fresh, deleted = unique("claim-fresh"), unique("claim-deleted")
+    client = MlflowClient()
+    client.delete_experiment(client.create_experiment(deleted))
+    for folder in ("fresh", "deleted"):
+        (tmp_path / folder).mkdir()
+    first = _race(CREATOR, tmp_path / "fresh", {k: [fresh] for k in "ab"})
+    assert sorted(code for code, _ in first.values()) == [0, 3], first
+    assert "RESOURCE_ALREADY_EXISTS" in next(out for code, out in first.values() if code == 3)
+    again = _race(CREATOR, tmp_path / "deleted", {k: [deleted] for k in "ab"})
+    assert [code for code, _ in again.values()] == [3, 3], again  # a soft-deleted name stays reserved
+    assert all("RESOURCE_ALREADY_EXISTS" in out for _, out in again.values())
+    assert client.get_experiment_by_name(deleted).lifecycle_stage == "deleted"
+
+
+KILLED = """
+import os, signal, sys
+from vitops.flows import aliases
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)  # after the claim, before the alias is set
+aliases._apply = die
+aliases.move_alias(sys.argv[1], "champion", sys.argv[2], expect=sys.argv[3], reason="killed mid-move")
+"""
+
+
+def test_a_mover_killed_mid_move_blocks_then_is_rolled_forward(
+    server: str, release: Release, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name, v1, v2, v3 = _three_versions_v1_champion("killed", release, reason="first")
+    proc = subprocess.run([sys.executable, "-c", KILLED, name, v2, v1], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert champion(name) == v1 and open_claims(name) == [f"{CLAIM_PREFIX}/{name}/champion/000002"]
+    with pytest.raises(MoveConflict, match="a move of champion .* is in progress .*entry 2: 1 -> 2"):
+        aliases.move_alias(name, "champion", v3, expect=v1, reason="too early")
+    monkeypatch.setattr(aliases, "GRACE_S", 0.0)  # the claim is now abandoned: rolled forward, then this move
+    record = aliases.move_alias(name, "champion", v3, expect=v2, reason="after the crash")
+    entries = aliases.history(name, "champion")
+    assert [(e.seq, e.to_version, e.completed) for e in entries] == [(1, v1, True), (2, v2, True), (3, v3, True)]
+    assert record.from_version == v2 and champion(name) == v3 and open_claims(name) == []
+    assert state(name)["models"] == [name]
 
 
 class _CompetitorBeforeClaim:
@@ -157,11 +254,11 @@ class _CompetitorBeforeClaim:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def create_registered_model(self, name: str, **kwargs: Any) -> Any:
-        if ".history." in name and self._competitor is not None:
+    def create_experiment(self, name: str, **kwargs: Any) -> Any:
+        if name.startswith(CLAIM_PREFIX) and self._competitor is not None:
             self._competitor, competitor = None, self._competitor
             competitor()
-        return self._inner.create_registered_model(name, **kwargs)
+        return self._inner.create_experiment(name, **kwargs)
 
 
 def test_a_mover_that_read_before_the_winner_claimed_loses_the_claim(
@@ -169,9 +266,7 @@ def test_a_mover_that_read_before_the_winner_claimed_loses_the_claim(
 ) -> None:
     # The subprocess race above mostly ends with the loser reading after the winner's claim; this pins down the
     # other interleaving: both read the same history, the winner claims first, the loser's claim is refused.
-    name = unique("claim")
-    v1, v2, v3 = (register(name, release) for _ in range(3))
-    aliases.move_alias(name, "champion", v1, expect="none", reason="start")
+    name, v1, v2, v3 = _three_versions_v1_champion("claim", release, reason="start")
     clients = iter([_CompetitorBeforeClaim(lambda: aliases.move_alias(name, "champion", v3, expect=v1, reason="A"))])
     monkeypatch.setattr(aliases, "mlflow_client", lambda: next(clients, None) or MlflowClient())
     with pytest.raises(MoveConflict, match=f"another move of champion of {name} won the race: entry 2"):
@@ -264,8 +359,9 @@ def test_unreachable_server_names_its_uri(monkeypatch: pytest.MonkeyPatch) -> No
         aliases.history("m")
 
 
-def _plant(name: str, seq: int, from_version: str, to_version: str, age: timedelta) -> None:
-    """An uncompleted history entry as a mover leaves it between its claim and its alias set."""
+def _plant(name: str, seq: int, from_version: str, to_version: str, age: timedelta, completed: bool = False) -> None:
+    """A history entry as an older vitops kept it, a registered model; uncompleted, as its mover left it between
+    its claim and its alias set."""
     tags = {
         "vitops.history": "true",
         "model": name,
@@ -279,17 +375,15 @@ def _plant(name: str, seq: int, from_version: str, to_version: str, age: timedel
         "reason": "promotion that died",
         "approval": "",
         "override": "false",
-        "completed": "false",
+        "completed": str(completed).lower(),
     }
     MlflowClient().create_registered_model(f"{name}.history.champion.{seq:06d}", tags=tags)
 
 
-def test_claims_in_progress_block_and_stale_ones_are_rolled_forward(
+def test_an_older_vitops_claims_in_progress_block_and_stale_ones_are_rolled_forward(
     server: str, release: Release, caplog: pytest.LogCaptureFixture
 ) -> None:
-    name = unique("stale")
-    v1, v2, v3 = (register(name, release) for _ in range(3))
-    aliases.move_alias(name, "champion", v1, expect="none", reason="first")
+    name, v1, v2, v3 = _three_versions_v1_champion("stale", release, reason="first")
     _plant(name, 2, v1, v2, age=timedelta(seconds=5))
     with pytest.raises(MoveConflict, match="a move of champion .* is in progress .*crashed@elsewhere"):
         aliases.move_alias(name, "champion", v3, expect=v1, reason="too early")
@@ -306,10 +400,29 @@ def test_claims_in_progress_block_and_stale_ones_are_rolled_forward(
 
 
 def test_alias_moved_outside_vitops_is_reported(server: str, release: Release) -> None:
-    name = unique("outside")
-    v1, v2, v3 = (register(name, release) for _ in range(3))
-    aliases.move_alias(name, "champion", v1, expect="none", reason="first")
+    name, v1, v2, v3 = _three_versions_v1_champion("outside", release, reason="first")
     MlflowClient().set_registered_model_alias(name, "champion", v2)  # someone used the MLflow UI
     record = aliases.move_alias(name, "champion", v3, expect=v2, reason="next")
     assert record.from_version == v2 and "moved outside vitops: history said 1, registry had 2" in record.note
     assert aliases.history(name, "champion")[-1].note == record.note
+
+
+def test_the_history_an_older_vitops_kept_is_read_then_migrated_without_loss(
+    server: str, release: Release, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = unique("legacy")
+    v1, v2, v3 = (register(name, release) for _ in range(3))
+    MlflowClient().set_registered_model_alias(name, "champion", v2)  # as the older vitops left it
+    _plant(name, 1, "none", v1, age=timedelta(days=2), completed=True)
+    _plant(name, 2, v1, v2, age=timedelta(days=1), completed=True)
+    before = [asdict(r) for r in aliases.history(name)]
+    assert [(r["seq"], r["to_version"]) for r in before] == [(1, v1), (2, v2)]
+    assert aliases.migrate_history(name) == 2
+    assert [asdict(r) for r in aliases.history(name)] == before and state(name)["models"] == [name]
+    from vitops.flows.cli import main
+
+    assert main(["history", name, "--migrate"]) == 0  # nothing left to move; prints the history
+    assert f"{name}: moved 0 history entries" in capsys.readouterr().err
+    record = aliases.move_alias(name, "champion", v3, expect=v2, reason="after the upgrade")
+    assert record.seq == 3 and record.from_version == v2 and champion(name) == v3
+    assert aliases.rollback(name, reason="back").to_version == v2

@@ -4,8 +4,10 @@ under one parent run, the Prefect artifacts and the registry aliases."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers.projects import make_project, set_params
@@ -62,9 +64,58 @@ def test_pass_then_skip_then_force_with_a_failing_kpi_gate(project: Path, tracki
     assert tags["vitops.data_version"].endswith(".dir") and tags["prefect.flow_run_id"]
     children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert {"train-vit", "train-baseline", "bench"} <= {r.info.run_name for r in children}
+    _check_records(client, tracking, parent, state)
+
+
+def _check_records(client: MlflowClient, tracking: str, parent: Any, state: Any) -> None:
+    """What people see of a passed retrain in MLflow's and Prefect's UIs (issue 24)."""
+    from prefect.settings import PREFECT_UI_URL
+
+    # the registry: one row per real model, the version described for people, tags for machines
+    assert [m.name for m in client.search_registered_models(f"name LIKE '{MODEL}%'")] == [MODEL]
+    version = client.get_model_version(MODEL, "1")
+    text = version.description
+    assert text.startswith("### KPI gate PASSED against the baseline") and "| KPI | candidate | reference |" in text
+    assert "% CI " in text and "| engine served | onnxruntime" in text and "| data version | " in text
+    assert "[KPI report](#/experiments/" in text and "/artifacts/gate/report.md)" in text
+    here = f"#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
+    assert (
+        f"[validation report]({here}/artifacts/data/" in text
+        and f"[Data Docs]({here}/artifacts/data/data-docs/" in text
+    )
+    assert "[training run](#/experiments/" in text
+    assert version.tags["gate.passed"] == "true" and version.run_id == parent.info.run_id  # listed on the run page
+    # the retrain's run: KPIs, key parameters, the decision as its description, a working Prefect link
+    run = client.get_run(parent.info.run_id)
+    assert {"kpi.top1", "kpi.uplift_low", "kpi.latency_p95_ms", "kpi.monthly_tco"} <= set(run.data.metrics)
+    assert {"train.lr", "train.model", "gate.max_p95_ms", "data_version", "code_version"} <= set(run.data.params)
+    assert run.data.tags["mlflow.note.content"].startswith("### KPI gate PASSED")
+    assert f"| registered | {MODEL} version 1 |" in run.data.tags["mlflow.note.content"]
+    flow_run_id = state.state_details.flow_run_id
+    assert run.data.tags["prefect.flow_run_url"] == f"{PREFECT_UI_URL.value()}/runs/flow-run/{flow_run_id}"
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "data/data-docs")} >= {"data/data-docs/index.html"}
+    # Prefect: real links by the tracking server's URL, the KPI table without cut-off reasons, the stage logs
+    base = f"{tracking}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    assert _artifacts("flow-digits-mlflow-run")[0].data.endswith(f"]({base})")  # stored as [text](link)
+    assert _artifacts("flow-digits-data-docs")[0].data.endswith(f"]({base}/artifacts/data/data-docs/index.html)")
+    assert _artifacts("flow-digits-registered-version")[0].data.endswith(f"]({tracking}/#/models/{MODEL}/versions/1)")
     assert {a.type for a in _artifacts("flow-digits-kpi-table")} == {"table"}
-    assert "passed" in _artifacts("flow-digits-gate-decision")[0].data
-    assert f"]({tracking}/#/experiments/" in _artifacts("flow-digits-mlflow-run")[0].data  # a link back
+    assert "reason" not in _artifacts("flow-digits-kpi-table")[0].data
+    decision = _artifacts("flow-digits-gate-decision")[0].data
+    assert "KPI gate PASSED" in decision and f"[MLflow run]({base})" in decision and "PASS latency/p95_ms:" in decision
+    logs = _logs(flow_run_id)
+    assert any(log.name.startswith("vitops.") and log.level == logging.INFO for log in logs), logs
+    assert any("registered flow-digits version 1" in log.message for log in logs)
+
+
+def _logs(flow_run_id: Any) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # the handler sends in batches
+    with get_client(sync_client=True) as client:
+        return client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
 
     skipped = _run(project)
     assert skipped.name == "Skipped" and skipped.is_completed()
@@ -91,6 +142,28 @@ def test_vitops_retrain_says_skipped_and_exits_0(project: Path, tracking: str, c
 
 
 @pytest.mark.integration
+def test_the_terminal_keeps_prefects_info_lines_off_and_the_run_page_gets_them(project: Path, tracking: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.settings import PREFECT_API_URL
+
+    env = os.environ | {"PREFECT_API_URL": PREFECT_API_URL.value()}  # the harness's API, seen by a fresh process
+    cmd = [sys.executable, "-m", "vitops", "retrain", "--params", str(project)]  # --params after the subcommand
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=project.parent, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("retrain Skipped: skipped: data ")
+    assert "INFO" not in out.stderr and "Beginning flow run" not in out.stderr, out.stderr  # no library INFO noise
+    with get_client(sync_client=True) as client:
+        (last,) = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
+    assert last.state_name == "Skipped"
+    assert any(log.message.startswith("skipped: data ") for log in _logs(last.id))  # the run page has it at INFO
+
+
+@pytest.mark.integration
 def test_a_failed_data_gate_ends_failed_with_its_reasons_and_trains_nothing(project: Path, tracking: str) -> None:
     client = MlflowClient(tracking)
     versions = len(client.search_model_versions(f"name='{MODEL}'"))
@@ -102,6 +175,12 @@ def test_a_failed_data_gate_ends_failed_with_its_reasons_and_trains_nothing(proj
         broken.unlink()
     assert state.is_failed() and state.name == "Data gate failed"
     assert "data gate failed" in state.message and "report.json" in state.message
+    parent = client.search_runs([client.get_experiment_by_name(MODEL).experiment_id], "tags.stage = 'retrain'")[0]
+    assert parent.data.tags["mlflow.note.content"].startswith("### Data gate FAILED: nothing trained")
+    assert "broken.png" in parent.data.tags["mlflow.note.content"]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "data/data-docs")} >= {
+        "data/data-docs/index.html"
+    }
     assert len(client.search_model_versions(f"name='{MODEL}'")) == versions
     assert client.get_registered_model(MODEL).aliases == {"candidate": "1"}
 

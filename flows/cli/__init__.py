@@ -9,7 +9,8 @@ accuracy). The commands only parse and print; the stage functions they call do t
 
 Exit codes, the same for every command: 0 ok; 1 a gate said no (data gate, parity gate, KPI gate); 2 a usage
 or configuration error, with one message; 3 a crash, with its traceback. `-v` adds debug logging and the
-traceback of every error.
+traceback of every error. `--params` and `-v` go before or after the subcommand (`vitops retrain --params
+FILE -v`).
 """
 
 from __future__ import annotations
@@ -51,12 +52,32 @@ def _gate_errors() -> tuple[type[BaseException], ...]:
 def build_parser() -> argparse.ArgumentParser:
     """The parser with every registered subcommand."""
     parser = argparse.ArgumentParser(prog="vitops", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", help="parameter file (default: params.yaml, which may be absent)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    _add_global_options(parser, argparse.SUPPRESS)
+    parser.set_defaults(params=None, verbose=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in _GROUPS:
         group.register(sub)
+    _share_global_options(parser)
     return parser
+
+
+def _add_global_options(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("--params", default=default, help="parameter file (default: params.yaml, which may be absent)")
+    parser.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging and tracebacks")
+
+
+def _share_global_options(parser: argparse.ArgumentParser) -> None:
+    """Accept the global options after any subcommand too (`vitops retrain --params FILE -v`).
+
+    A subcommand's copy defaults to SUPPRESS, so it sets the value only when given and never resets one that was
+    given before the subcommand.
+    """
+    for action in parser._actions:  # argparse lists subcommands only there
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for subparser in action.choices.values():
+            _add_global_options(subparser, argparse.SUPPRESS)
+            _share_global_options(subparser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -64,9 +85,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # Our own INFO lines, the libraries' warnings only (their INFO chatter is noise nobody asked for); -v: all.
+    # Prefect's run loggers keep INFO (their API handler puts every task's state change on the run page): the
+    # terminal's handler drops what is below WARNING and not ours.
+    terminal = logging.StreamHandler()
+    if not args.verbose:
+        terminal.addFilter(lambda record: record.levelno >= logging.WARNING or record.name.startswith("vitops"))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=[terminal],
     )
     if not args.verbose:
         logging.getLogger("vitops").setLevel(logging.INFO)

@@ -54,9 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_pilot(args: argparse.Namespace, params: Params) -> int:
     """Run one pilot stage and print its outcome and report."""
-    from vitops.flows.cli.runs import quiet_prefect
+    from vitops.flows.cli.runs import prefect_settings
 
-    quiet_prefect(args.verbose)  # before Prefect is imported: it sets up its logging then
+    prefect_settings()  # before Prefect is imported: it sets up its logging then
     from prefect.exceptions import FailedRun
 
     from vitops.flows.pilot import BREACH, INCONCLUSIVE, pilot

@@ -9,7 +9,7 @@ vitops promote NAME --version N [--alias champion] [--expect M|none] [--override
         a checked alias move: refused when the alias no longer points at M, or the version failed its gate
 vitops rollback NAME [--alias champion] [--reason TEXT]
         put back the version that held the alias before
-vitops history NAME [--alias A]
+vitops history NAME [--alias A] [--json] [--migrate]
         every alias move: alias, from, to, when, who, reason, approval
 vitops lineage NAME@ALIAS | NAME/VERSION
         data version, training run, evaluation, KPI verdict, engines and alias moves of one version
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from vitops.flows import aliases, registry
@@ -66,6 +67,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", help="registered model name")
     p.add_argument("--alias", help="only this alias")
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    p.add_argument("--migrate", action="store_true",
+                   help="first move the entries an older vitops kept as registered models NAME.history.* into the "
+                   "ledger experiment (once every mover runs this vitops)")  # fmt: skip
     p.set_defaults(handler=cmd_history)
 
     p = sub.add_parser("lineage", help="where one version came from: data, training, evaluation, gate, engines")
@@ -138,6 +142,9 @@ def cmd_history(args: argparse.Namespace, params: Params) -> int:
     from dataclasses import asdict
 
     _configure(params)
+    if args.migrate:
+        moved = aliases.migrate_history(args.name)
+        print(f"{args.name}: moved {moved} history entries into the experiment {aliases.LEDGER}", file=sys.stderr)
     records = aliases.history(args.name, args.alias)
     if args.json:
         for record in records:

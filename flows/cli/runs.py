@@ -48,11 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_serve)
 
 
-def quiet_prefect(verbose: bool) -> None:
-    """Prefect at WARNING unless -v, and a start-up timeout the first ephemeral API start here needs."""
-    # Prefect logs every task's state change at INFO; the command prints its own summary.
-    if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+def prefect_settings() -> None:
+    """The settings a flow run from the command line needs: a start-up timeout for the first ephemeral API start
+    here, no telemetry. Prefect's INFO lines go to the run page, not the terminal (`vitops` filters its handler)."""
     # The ephemeral API migrates its database on the first start of a machine: 20 s is not always enough here.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     # The embedded (ephemeral) API's telemetry heartbeat writes to the SQLite database the flow run is using and
@@ -62,7 +60,7 @@ def quiet_prefect(verbose: bool) -> None:
 
 def cmd_retrain(args: argparse.Namespace, params: Params) -> int:
     """Run the retrain flow and print what a user looks at."""
-    quiet_prefect(args.verbose)
+    prefect_settings()
     from vitops.flows.retrain import DATA_GATE_FAILED, ENGINE_GATE_FAILED, KPI_GATE_FAILED, SKIPPED, retrain
 
     params_file = str(args.params or DEFAULT_PARAMS)
@@ -108,7 +106,7 @@ def _print_summary(params: Params, state: Any) -> None:
 
 def cmd_drift(args: argparse.Namespace, params: Params) -> int:
     """Run the drift flow once; 0 no drift or no verdict, 1 a strong drift, 2 the retrain could not start."""
-    quiet_prefect(args.verbose)
+    prefect_settings()
     from vitops.flows.drift import DRIFT, RETRAIN_NOT_STARTED, drift
 
     state = drift(
