@@ -301,6 +301,9 @@ class TrackingParams(_Section):
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "vitops"
     registered_model: str = "vitops-vit"
+    connect_timeout_s: float = Field(
+        20.0, gt=0.0, description="a tracking server or Prefect API that does not answer within this fails the command"
+    )
 
 
 class Params(_Section):

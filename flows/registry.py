@@ -28,6 +28,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 ALIASES = ("candidate", "pilot", "champion")
+MANIFEST_TAG = "manifest.sha256"  # the sha256 of the version's vitops_manifest.json (common/file_manifest.py)
+REGISTERED_BY_TAG = "vitops.registered_by"  # the MLflow user who registered it, or "unauthenticated"
 GATED_ALIASES = ("pilot", "champion")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
@@ -232,6 +234,10 @@ def load_local_pyfunc(model_dir: Path) -> tuple[Any, Any]:
 
 def mlflow_client() -> Any:
     from mlflow import MlflowClient
+
+    from vitops.flows.connection import bound_mlflow_retries, connect_timeout
+
+    bound_mlflow_retries(connect_timeout())  # a server that goes away fails within the limit, not in 250 s
 
     return MlflowClient()
 

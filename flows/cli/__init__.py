@@ -36,7 +36,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     Each command group names the error classes of the core functions it calls in `user_errors()`; they are
     imported only when an error is being reported, so `vitops validate` never pays for importing torch.
     """
+    from vitops.flows.connection import CredentialsRefused, ServerUnreachable
+
     errors: tuple[type[BaseException], ...] = (ParamsError, FileNotFoundError, NotADirectoryError)
+    errors += (ServerUnreachable, CredentialsRefused)
     for group in _GROUPS:
         errors += group.user_errors()
     return errors

@@ -56,7 +56,7 @@ def cmd_pilot(args: argparse.Namespace, params: Params) -> int:
     """Run one pilot stage and print its outcome and report."""
     from vitops.flows.cli.runs import prefect_settings
 
-    prefect_settings()  # before Prefect is imported: it sets up its logging then
+    prefect_settings(params.tracking.connect_timeout_s)  # before Prefect is imported: it sets up its logging then
     from prefect.exceptions import FailedRun
 
     from vitops.flows.pilot import BREACH, INCONCLUSIVE, pilot
@@ -108,6 +108,9 @@ def cmd_pilot(args: argparse.Namespace, params: Params) -> int:
 
 def cmd_approve(args: argparse.Namespace, params: Params) -> int:
     """Resume a paused promote run with the decision."""
+    from vitops.flows.cli.runs import prefect_settings
+
+    prefect_settings(params.tracking.connect_timeout_s)
     from vitops.flows.pilot import approve
 
     print(approve(args.flow_run_id, args.approver, reject=args.reject, comment=args.comment))
