@@ -124,18 +124,16 @@ def _tag_value(value: Any) -> str:
 
 
 def load_pyfunc(name: str, version: str) -> Any:
-    """The version's pyfunc `ImageClassifier` (`flows/pyfunc_model.py`), downloaded from the registry.
+    """The version's pyfunc `ImageClassifier` (`flows/pyfunc_model.py`), downloaded from the registry and checked
+    against its manifest (`fetch_version`) before it loads.
 
     Raises:
+        ArtifactCheckError: a file differs from the version's manifest (named), or a record was edited.
         RegistryError: the version cannot be downloaded or loaded; the message names the server.
     """
-    import mlflow
-
-    try:
-        model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
-    except Exception as err:  # MlflowException, connection errors, a model this machine cannot load
-        raise RegistryError(f"cannot load {name} version {version} from {server_uri()}: {err}") from err
-    return model.unwrap_python_model()
+    # Left in place, as MLflow leaves its own downloads: an engine may read its file after the load.
+    path = fetch_version(name, version, Path(tempfile.mkdtemp(prefix="vitops-load-")))
+    return load_local_pyfunc(path)[0].unwrap_python_model()
 
 
 class ArtifactCheckError(RegistryError):
@@ -144,7 +142,7 @@ class ArtifactCheckError(RegistryError):
 
 def fetch_version(name: str, version: str, cache: Path) -> Path:
     """The version's pyfunc model in `cache/<name>/<version>`, downloaded unless an intact copy is there, with
-    every file's sha256 checked against the version's records (`serving.json`, and the `weights_sha256` tag).
+    every file checked against the version's manifest (`check_artifacts`).
 
     A download goes to a partial folder first and is renamed into place only after its check, so a crash or a
     refused version never leaves a folder that looks served.
@@ -179,11 +177,56 @@ def fetch_version(name: str, version: str, cache: Path) -> Path:
     return final
 
 
-def check_artifacts(model_dir: Path, tags: dict[str, str]) -> None:
-    """Check each file `serving.json` records (engines, ONNX export, weights) against its sha256, and the weights
-    against the version's `weights_sha256` tag where it has one."""
+def verify_version(name: str, ref: str) -> tuple[VersionInfo, int]:
+    """Download a version (a number or an alias) afresh and check it as a loader does (`check_artifacts`).
+
+    Returns:
+        The version, and how many of its files were checked.
+
+    Raises:
+        ArtifactCheckError: a file or record differs from the version's manifest, named.
+    """
+    from vitops.common.file_manifest import read_manifest
+
+    info = version_info(name, ref)
+    with tempfile.TemporaryDirectory(prefix="vitops-verify-") as tmp:
+        path = fetch_version(name, info.version, Path(tmp))
+        if not info.tags.get(MANIFEST_TAG):
+            raise ArtifactCheckError(
+                f"{name} version {info.version} has no manifest (registered before vitops wrote one): only the "
+                "files serving.json records were checked, and they match; register it again to verify it whole"
+            )
+        return info, len(read_manifest(path)["files"])
+
+
+def check_artifacts(model_dir: Path, tags: dict[str, str]) -> int:
+    """Check a downloaded version against its manifest (`manifest.sha256`): the manifest is the one registered,
+    every file is in it with its sha256 and none was added, and the records it holds (gate verdict, KPIs, data
+    and code versions, who registered it) are still the version's tags; how many files were checked.
+
+    A version registered before vitops wrote manifests has each file `serving.json` records (engines, ONNX export,
+    weights) checked against its sha256, and the weights against the version's `weights_sha256` tag.
+
+    Raises:
+        ArtifactCheckError: the first file or record that differs, named.
+    """
+    from vitops.common.file_manifest import ManifestError, check_folder, read_manifest
     from vitops.common.files import sha256_file
 
+    if tags.get(MANIFEST_TAG):
+        try:
+            manifest = read_manifest(Path(model_dir), tags[MANIFEST_TAG])
+            checked = check_folder(Path(model_dir), manifest)
+        except ManifestError as err:
+            raise ArtifactCheckError(str(err)) from None
+        for key, value in sorted(manifest.get("records", {}).items()):
+            if tags.get(key) != value:
+                raise ArtifactCheckError(
+                    f"tag {key} is {tags.get(key)!r} in the registry, {value!r} in the version's manifest: it was "
+                    "edited after registration"
+                )
+        return checked
+    log.warning("%s has no manifest (registered before vitops wrote one): checked against serving.json", model_dir)
     art = Path(model_dir) / "artifacts"
     try:
         serving = json.loads((art / "serving.json").read_text(encoding="utf-8"))
@@ -204,6 +247,7 @@ def check_artifacts(model_dir: Path, tags: dict[str, str]) -> None:
         actual = sha256_file(path)
         if actual != expected:
             raise ArtifactCheckError(f"{rel}: sha256 {actual[:12]}... differs from its record {expected[:12]}...")
+    return len(records)
 
 
 def load_local_pyfunc(model_dir: Path) -> tuple[Any, Any]:

@@ -50,7 +50,12 @@ FLOWS_LAYERS = {
 # The core may import only these of vitops (DESIGN.md, "Layers").
 CORE_MAY_IMPORT = {"common": set(), "data_checks": {"common"}, "vit": {"common"}, "deploy": {"common"}}
 MLFLOW_MODULES = {
-    "flows.tracking", "flows.registry", "flows.aliases", "flows.packaging", "flows.pyfunc_model", "flows.access",
+    "flows.tracking",
+    "flows.registry",
+    "flows.aliases",
+    "flows.packaging",
+    "flows.pyfunc_model",
+    "flows.access",
     "flows.artifacts",
 }
 

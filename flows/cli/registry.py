@@ -13,6 +13,8 @@ vitops history NAME [--alias A] [--json] [--migrate]
         every alias move: alias, from, to, when, who, reason, approval
 vitops lineage NAME@ALIAS | NAME/VERSION
         data version, training run, evaluation, KPI verdict, engines and alias moves of one version
+vitops verify NAME@ALIAS | NAME/VERSION
+        download the version afresh and check every file and record against its manifest; exit 1 when one differs
 """
 
 from __future__ import annotations
@@ -78,6 +80,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("ref", help="NAME@ALIAS or NAME/VERSION")
     p.add_argument("--json", action="store_true", help="print the lineage as JSON")
     p.set_defaults(handler=cmd_lineage)
+
+    p = sub.add_parser("verify", help="check every file of a version against its manifest; exit 1 when one differs")
+    p.add_argument("ref", help="NAME@ALIAS or NAME/VERSION")
+    p.set_defaults(handler=cmd_verify)
 
 
 def cmd_gate(args: argparse.Namespace, params: Params) -> int:
@@ -190,6 +196,21 @@ def cmd_lineage(args: argparse.Namespace, params: Params) -> int:
         print(json.dumps(info, indent=2, sort_keys=True, default=str))
         return 0
     print(_format_lineage(info))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace, params: Params) -> int:
+    """Check a version against its manifest; 0 when intact, 1 when a file or record differs."""
+    _configure(params)
+    name, ref = _split_ref(args.ref)
+    try:
+        info, files = registry.verify_version(name, ref)
+    except registry.ArtifactCheckError as err:
+        print(f"vitops verify: {args.ref} REFUSED: {err}", file=sys.stderr)
+        return 1
+    digest = info.tags[registry.MANIFEST_TAG]
+    print(f"{name} version {info.version}: all {files} files match its manifest (sha256 {digest[:12]}...), and its "
+          f"records are as registered by {info.tags.get(registry.REGISTERED_BY_TAG, 'unknown')}")  # fmt: skip
     return 0
 
 
