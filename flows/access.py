@@ -15,6 +15,7 @@ A tracking server started with `mlflow server --app-name basic-auth` checks ever
 from __future__ import annotations
 
 import functools
+import getpass
 import os
 import re
 from dataclasses import dataclass
@@ -66,6 +67,18 @@ def _identity(uri: str, user: str) -> Identity:
             ) from None
         raise RegistryError(f"MLflow at {uri}: cannot read the user {user!r}: {err}") from err
     return Identity(found.username, True, bool(found.is_admin))
+
+
+def who() -> str:
+    """The name a record keeps: the MLflow user the tracking server authenticated, else the login name, marked
+    unauthenticated."""
+    me = identity()
+    if me.authenticated:
+        return me.user
+    try:
+        return f"{getpass.getuser()} ({UNAUTHENTICATED})"
+    except (KeyError, OSError):  # no login name in some containers
+        return f"unknown ({UNAUTHENTICATED})"
 
 
 def permission(name: str, user: str) -> str:

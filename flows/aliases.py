@@ -30,7 +30,6 @@ version.
 
 from __future__ import annotations
 
-import getpass
 import json
 import logging
 import re
@@ -40,6 +39,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from vitops.flows.access import who
 from vitops.flows.registry import (
     GATED_ALIASES,
     RegistryError,
@@ -288,7 +288,7 @@ def _move(
         from_version=current,
         to_version=version,
         time=datetime.now(UTC).isoformat(),
-        user=_user(),
+        user=who(),
         host=socket.gethostname(),
         flow_run_id=flow_run_id,
         reason=reason,
@@ -438,10 +438,3 @@ def _age_s(stamp: str) -> float:
         return (datetime.now(UTC) - datetime.fromisoformat(stamp)).total_seconds()
     except (TypeError, ValueError):
         return float("inf")  # unreadable time: treat the entry as abandoned
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no login name in some containers
-        return "unknown"

@@ -177,28 +177,6 @@ def fetch_version(name: str, version: str, cache: Path) -> Path:
     return final
 
 
-def verify_version(name: str, ref: str) -> tuple[VersionInfo, int]:
-    """Download a version (a number or an alias) afresh and check it as a loader does (`check_artifacts`).
-
-    Returns:
-        The version, and how many of its files were checked.
-
-    Raises:
-        ArtifactCheckError: a file or record differs from the version's manifest, named.
-    """
-    from vitops.common.file_manifest import read_manifest
-
-    info = version_info(name, ref)
-    with tempfile.TemporaryDirectory(prefix="vitops-verify-") as tmp:
-        path = fetch_version(name, info.version, Path(tmp))
-        if not info.tags.get(MANIFEST_TAG):
-            raise ArtifactCheckError(
-                f"{name} version {info.version} has no manifest (registered before vitops wrote one): only the "
-                "files serving.json records were checked, and they match; register it again to verify it whole"
-            )
-        return info, len(read_manifest(path)["files"])
-
-
 def check_artifacts(model_dir: Path, tags: dict[str, str]) -> int:
     """Check a downloaded version against its manifest (`manifest.sha256`): the manifest is the one registered,
     every file is in it with its sha256 and none was added, and the records it holds (gate verdict, KPIs, data

@@ -24,7 +24,7 @@ import json
 import sys
 from typing import Any
 
-from vitops.flows import access, aliases, registry
+from vitops.flows import access, aliases, artifacts, registry
 from vitops.flows.config import Params, params_hash
 from vitops.flows.settings import model_folder, run_context
 
@@ -204,7 +204,7 @@ def cmd_verify(args: argparse.Namespace, params: Params) -> int:
     _configure(params)
     name, ref = _split_ref(args.ref)
     try:
-        info, files = registry.verify_version(name, ref)
+        info, files = artifacts.verify_version(name, ref)
     except registry.ArtifactCheckError as err:
         print(f"vitops verify: {args.ref} REFUSED: {err}", file=sys.stderr)
         return 1
