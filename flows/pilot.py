@@ -336,7 +336,7 @@ def _promote(versions: Versions, skip: list[str], reason: str, run_id: str, sett
         + f"\n\nResume with `vitops approve {run_id} [--reject] [--comment TEXT]` (an authenticating tracking server "
         "names the approver; without one, add --approver NAME)."
     )
-    logger.warning("waiting for an approval: vitops approve %s --approver NAME [--reject] [--comment TEXT]", run_id)
+    logger.warning("waiting for an approval: vitops approve %s [--approver NAME] [--reject] [--comment TEXT]", run_id)
     timeout = settings.approval_timeout_s
     try:
         answer = pause_flow_run(
