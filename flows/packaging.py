@@ -24,6 +24,7 @@ from vitops.flows.access import identity
 from vitops.flows.registry import (
     MANIFEST_TAG,
     REGISTERED_BY_TAG,
+    SIGNED_TAG,
     RegistryError,
     check_name,
     create_model,
@@ -31,6 +32,7 @@ from vitops.flows.registry import (
     mlflow_client,
     server_errors,
 )
+from vitops.flows.signing import sign_folder
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,9 @@ def register_version(
     with tempfile.TemporaryDirectory(prefix="vitops-register-") as tmp:
         folder = _save_pyfunc(Path(tmp), model_dir, onnx_path, entries, serving, meta)
         tags[MANIFEST_TAG] = write_manifest(folder, records=tags)  # the records, as registered, in the manifest
+        signed = sign_folder(folder)  # with VITOPS_SIGNING_KEY: the folder, manifest included
+        if signed:
+            tags[SIGNED_TAG] = signed
         with server_errors(f"registering a version of {name} from run {run_id}"):
             if lookup(client.get_registered_model, name) is None:
                 create_model(client, name)

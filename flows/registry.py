@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 ALIASES = ("candidate", "pilot", "champion")
 MANIFEST_TAG = "manifest.sha256"  # the sha256 of the version's vitops_manifest.json (common/file_manifest.py)
 REGISTERED_BY_TAG = "vitops.registered_by"  # the MLflow user who registered it, or "unauthenticated"
+SIGNED_TAG = "manifest.signed_with"  # the key file that signed the folder (flows/signing.py), where one did
 GATED_ALIASES = ("pilot", "champion")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
@@ -183,14 +184,20 @@ def check_artifacts(model_dir: Path, tags: dict[str, str]) -> int:
     and code versions, who registered it) are still the version's tags; how many files were checked.
 
     A version registered before vitops wrote manifests has each file `serving.json` records (engines, ONNX export,
-    weights) checked against its sha256, and the weights against the version's `weights_sha256` tag.
+    weights) checked against its sha256, and the weights against the version's `weights_sha256` tag. With
+    `VITOPS_VERIFY_KEY` set, the folder's signature must verify first (`flows/signing.py`).
 
     Raises:
         ArtifactCheckError: the first file or record that differs, named.
     """
     from vitops.common.file_manifest import ManifestError, check_folder, read_manifest
     from vitops.common.files import sha256_file
+    from vitops.flows.signing import SignatureError, verify_folder
 
+    try:
+        verify_folder(Path(model_dir))  # with VITOPS_VERIFY_KEY: signed with its key, or refused
+    except SignatureError as err:
+        raise ArtifactCheckError(str(err)) from None
     if tags.get(MANIFEST_TAG):
         try:
             manifest = read_manifest(Path(model_dir), tags[MANIFEST_TAG])

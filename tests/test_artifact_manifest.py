@@ -88,3 +88,40 @@ def test_a_tampered_engine_is_refused_by_every_loader_and_by_verify(
     edited = _vitops("verify", f"{name}/{other}")
     assert edited.returncode == 1
     assert "tag gate.passed is 'false' in the registry, 'true' in the version's manifest" in edited.stderr
+
+
+def _keys(folder: Path) -> tuple[Path, Path]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    private, public = folder / "signing-key.pem", folder / "verify-key.pem"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))  # fmt: skip
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
+    return private, public
+
+
+@pytest.mark.integration
+def test_a_signed_version_verifies_and_an_unsigned_or_forged_one_is_refused(
+    server: str, release: Release, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vitops.flows.signing import SIGN_KEY_ENV, VERIFY_KEY_ENV
+
+    private, public = _keys(tmp_path)
+    name = unique("signed")
+    unsigned = register(name, release)
+    monkeypatch.setenv(SIGN_KEY_ENV, str(private))
+    signed = register(name, release)
+    assert registry.version_info(name, signed).tags[registry.SIGNED_TAG] == "signing-key.pem"
+    monkeypatch.delenv(SIGN_KEY_ENV)
+    monkeypatch.setenv(VERIFY_KEY_ENV, str(public))
+    registry.load_pyfunc(name, signed)  # verifies with the public key
+    with pytest.raises(registry.ArtifactCheckError, match="the version is unsigned"):
+        registry.load_pyfunc(name, unsigned)
+    (tmp_path / "other").mkdir()
+    _, other = _keys(tmp_path / "other")
+    monkeypatch.setenv(VERIFY_KEY_ENV, str(other))  # someone else's key: the signature does not verify
+    with pytest.raises(registry.ArtifactCheckError, match="does not verify with VITOPS_VERIFY_KEY"):
+        registry.load_pyfunc(name, signed)

@@ -18,6 +18,7 @@ FLOWS_LAYERS = {
     "serving_config": 0,
     "retries": 0,
     "connection": 0,
+    "signing": 0,
     "tracking": 1,
     "registry": 1,
     "aliases": 1,
