@@ -286,18 +286,14 @@ def server_errors(what: str) -> Iterator[None]:
         yield
     except RegistryError:
         raise
-    except MlflowException as err:
-        if err.error_code in ("PERMISSION_DENIED", "UNAUTHENTICATED"):  # an authenticating server said no
+    except (MlflowException, OSError) as err:  # requests' errors are OSErrors
+        code = getattr(err, "error_code", "")
+        if code in ("PERMISSION_DENIED", "UNAUTHENTICATED"):  # an authenticating server said no
             who = os.environ.get("MLFLOW_TRACKING_USERNAME") or "a caller without credentials"
             raise RegistryError(
-                f"MLflow at {server_uri()}: {what} was refused to {who} ({err.error_code}: {err.message}). Ask an "
-                "MLflow admin for the permission on the model, or use credentials that hold it"
+                f"MLflow at {server_uri()}: {what} was refused to {who} ({code}: {getattr(err, 'message', err)}). "
+                "Ask an MLflow admin for the permission on the model, or use credentials that hold it"
             ) from err
-        raise RegistryError(
-            f"MLflow at {server_uri()}: {what} failed: {getattr(err, 'message', err)}. Check that the tracking "
-            "server is running and MLFLOW_TRACKING_URI points at it"
-        ) from err
-    except OSError as err:  # requests' errors are OSErrors
         raise RegistryError(
             f"MLflow at {server_uri()}: {what} failed: {getattr(err, 'message', err)}. Check that the tracking "
             "server is running and MLFLOW_TRACKING_URI points at it"
