@@ -154,6 +154,7 @@ def cmd_promote(args: argparse.Namespace, params: Params) -> int:
 def cmd_rollback(args: argparse.Namespace, params: Params) -> int:
     """Put back the previous holder of the alias."""
     _configure(params)
+    access.require_manage(args.name, f"roll back {args.alias}")  # where the server authenticates
     record = aliases.rollback(args.name, args.alias, reason=args.reason)
     print(f"{args.name}@{record.alias}: rolled back {_v(record.from_version)} -> {_v(record.to_version)}")
     return 0
