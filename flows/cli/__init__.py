@@ -3,8 +3,8 @@
 Run `vitops --help`. Every command reads `params.yaml` (or `--params FILE`); the flags a command offers
 override single values from it. Each command group lives in its own module of this package and registers
 itself here: `data` (sample, import, from-log, validate), `train` (pretrain-standin, train, evaluate), `engines`
-(export, build, bench), `registry` (gate, register, promote, rollback, history, lineage, verify), `runs` (retrain, drift,
-serve), `pilot` (pilot, approve), `endpoint` (the line-side inference endpoint) and `feedback` (import,
+(export, build, bench), `registry` (gate, register, promote, rollback, history, lineage, verify), `runs`
+(retrain, drift, serve), `pilot` (pilot, approve), `endpoint` (the line-side inference endpoint) and `feedback` (import,
 accuracy). The commands only parse and print; the stage functions they call do the work.
 
 Exit codes, the same for every command: 0 ok; 1 a gate said no (data gate, parity gate, KPI gate); 2 a usage
