@@ -84,7 +84,9 @@ def check_mlflow(uri: str, budget_s: float) -> None:
     if not uri.startswith(("http://", "https://")):
         return
     user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
     headers = {"Authorization": _basic(f"{user}:{password or ''}")} if user else {}
+    headers = {"Authorization": f"Bearer {token}"} if token and not user else headers  # as MLflow's client does
     base = uri.rstrip("/")
     what = f"the MLflow tracking server at {uri}"
     _wait_for(f"{base}/health", {}, what, budget_s, "MLFLOW_TRACKING_URI")
