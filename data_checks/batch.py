@@ -39,13 +39,14 @@ def label_of(rel: str) -> str:
     return "" if not sep or first == UNLABELLED else first
 
 
-def scan_batch(root: Path, workers: int = 0, while_scanning: Any = None) -> pd.DataFrame:
+def scan_batch(root: Path, workers: int = 0, while_scanning: Any = None, max_bytes: int | None = None) -> pd.DataFrame:
     """Scan every file of a batch into a manifest DataFrame (columns `COLUMNS`, split "batch", sorted by path).
 
     Args:
         root: the batch folder.
         workers: scanner processes; 0 = one per CPU core, 1 = scan in this process.
         while_scanning: called in this process while the scanner processes work.
+        max_bytes: files larger than this are refused before they are read (default: `images.MAX_FILE_BYTES`).
 
     Raises:
         FileNotFoundError, NotADirectoryError, BatchError: when `root` is missing, a file, or holds no files.
@@ -54,6 +55,7 @@ def scan_batch(root: Path, workers: int = 0, while_scanning: Any = None) -> pd.D
 
     # The walk, the parallel scan and the file-name check of the training manifest: one reader of image
     # folders, so a batch file is judged exactly as a training file would be.
+    from vitops.data_checks.images import MAX_FILE_BYTES
     from vitops.data_checks.manifest import COLUMNS, _printable, _scan_rows, _walk
 
     real_root = _check_root(root)
@@ -64,7 +66,8 @@ def scan_batch(root: Path, workers: int = 0, while_scanning: Any = None) -> pd.D
             f"in class folders ({root}/<class>/) or in {root}/{UNLABELLED}/"
         )
     # Links go to `scan_file` too: it reports them from lstat and never opens their target.
-    rows = _scan_rows(real_root, rels, workers, while_scanning)
+    limit = MAX_FILE_BYTES if max_bytes is None else max_bytes
+    rows = _scan_rows(real_root, rels, workers, while_scanning, limit)
     records = []
     for rel in rels:
         row = rows[rel]
@@ -246,7 +249,7 @@ def validate_batch(
     if not rules.classes:
         raise BatchError("a pilot batch is checked against the model's classes: give them in GateRules.classes")
     # Importing GX takes seconds; do it while the scanner processes decode images.
-    manifest = scan_batch(root, workers=workers, while_scanning=_import_gx)
+    manifest = scan_batch(root, workers=workers, while_scanning=_import_gx, max_bytes=rules.max_file_bytes)
     write_manifest(manifest, manifest_path)
     report = check_batch(manifest, rules, reference=reference, docs_dir=docs_dir)
     report["data_root"] = str(root)

@@ -378,7 +378,7 @@ def validate_folder(
 
     reference = read_manifest(reference_path) if reference_path else None
     # Importing GX takes seconds; do it while the scanner processes decode images.
-    manifest = scan_dataset(root, fractions, workers=workers, while_scanning=_import_gx)
+    manifest = scan_dataset(root, fractions, workers, _import_gx, max_bytes=rules.max_file_bytes)
     write_manifest(manifest, manifest_path)
     report = run_gate(manifest, rules, reference=reference, docs_dir=Path(report_path).parent / "data_docs")
     report["data_root"] = str(root)

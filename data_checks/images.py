@@ -2,7 +2,9 @@
 
 Every problem becomes a reason string that names what is wrong and what to do about it; nothing here raises
 for bad data. Files are opened with `O_NOFOLLOW` and only when they are regular files inside the dataset
-root, so a symlink or a path that leaves the root is reported and its target is never opened.
+root, so a symlink or a path that leaves the root is reported and its target is never opened. A file over the
+size limit is refused from its `stat` before any byte is read, and a file whose header Pillow cannot read (or
+whose pixel count is a decompression bomb) is refused from its first bytes; only then is it read whole.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ _EXIF_ORIENTATION = 0x0112
 # Drift statistics are computed on a sample of STATS_SIZE x STATS_SIZE pixels.
 STATS_SIZE = 64
 STAT_COLUMNS = ("mean_r", "mean_g", "mean_b", "std_r", "std_g", "std_b")
+MAX_FILE_BYTES = 64 * 1024 * 1024  # the default size limit (params.yaml validate.max_file_mb)
+_CHUNK = 1024 * 1024
 
 
 def empty_row(path: str) -> dict[str, Any]:
@@ -104,12 +108,13 @@ def _channel_stats(rgb: Any) -> dict[str, float]:
     return {name: round(float(v), 3) for name, v in zip(STAT_COLUMNS, values, strict=True)}
 
 
-def scan_file(root: str, rel: str) -> dict[str, Any]:
+def scan_file(root: str, rel: str, max_bytes: int = MAX_FILE_BYTES) -> dict[str, Any]:
     """Read and inspect one file of a dataset without following links.
 
     Args:
         root: the dataset root, already resolved (no symlinks in it).
         rel: the file's path relative to `root`, with `/` separators.
+        max_bytes: files larger than this are refused before they are read (0: no limit).
 
     Returns:
         A manifest row (without label and split): path, sha256, bytes, the fields of `inspect_image`, error.
@@ -134,12 +139,28 @@ def scan_file(root: str, rel: str) -> dict[str, Any]:
     if os.path.commonpath([real, root]) != root:
         row["error"] = f"path leaves the dataset root (resolves to {real}): not read; move the image inside {root}"
         return row
+    if max_bytes and st.st_size > max_bytes:
+        row["bytes"] = st.st_size
+        row["error"] = (
+            f"file of {st.st_size / 2**20:.1f} MiB is over the size limit of {max_bytes / 2**20:.1f} MiB "
+            "(validate.max_file_mb): not read; downscale or recompress the image, or raise the limit"
+        )
+        return row
     try:
         fd = os.open(full, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         with os.fdopen(fd, "rb") as fh:
-            data = fh.read()
+            header = inspect_header(fh)
+            if header:  # refused from its first bytes: hashed in chunks, never held whole
+                row["error"] = header
+                row["sha256"], row["bytes"] = _stream_sha256(fh)
+                return row
+            fh.seek(0)
+            data = fh.read(max_bytes + 1) if max_bytes else fh.read()
     except OSError as err:
         row["error"] = f"cannot read the file ({err.strerror}): check its permissions"
+        return row
+    if max_bytes and len(data) > max_bytes:  # it grew since the stat
+        row["error"] = f"file grew past the size limit of {max_bytes / 2**20:.1f} MiB while read: not inspected"
         return row
     row["sha256"] = hashlib.sha256(data).hexdigest()
     row["bytes"] = len(data)
@@ -147,6 +168,44 @@ def scan_file(root: str, rel: str) -> dict[str, Any]:
     return row
 
 
-def scan_files(root: str, rels: list[str]) -> list[dict[str, Any]]:
+def inspect_header(fh: Any) -> str:
+    """Why an open image file is refused from its header alone (Pillow reads only the first bytes), or "".
+
+    An empty file, a file Pillow cannot identify and a pixel count over Pillow's `MAX_IMAGE_PIXELS` are refused
+    here; everything else is left to the full decode of `inspect_image`.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    start = fh.read(16)
+    if not start:
+        return "empty file (0 bytes): remove it or copy the image again"
+    fh.seek(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(fh) as img:
+                width, height = img.size
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+            return (
+                f"decompression bomb: {err} Pillow refuses images over MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}; "
+                "downscale the image before adding it"
+            )
+        except UnidentifiedImageError:
+            return f"not an image Pillow can read (starts with {start[:8]!r}): remove it or convert it to PNG or JPEG"
+        except Exception:  # noqa: BLE001 - a header Pillow identifies but cannot parse: the full decode says why
+            return ""
+    return ""
+
+
+def _stream_sha256(fh: Any) -> tuple[str, int]:
+    fh.seek(0)
+    digest, size = hashlib.sha256(), 0
+    while chunk := fh.read(_CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def scan_files(root: str, rels: list[str], max_bytes: int = MAX_FILE_BYTES) -> list[dict[str, Any]]:
     """`scan_file` over a chunk of paths; the unit of work of one scanner process."""
-    return [scan_file(root, rel) for rel in rels]
+    return [scan_file(root, rel, max_bytes) for rel in rels]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vitops.data_checks.images import STAT_COLUMNS, empty_row, scan_files
+from vitops.data_checks.images import MAX_FILE_BYTES, STAT_COLUMNS, empty_row, scan_files
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -126,6 +126,7 @@ def scan_dataset(
     fractions: Mapping[str, float],
     workers: int = 0,
     while_scanning: Callable[[], object] | None = None,
+    max_bytes: int = MAX_FILE_BYTES,
 ) -> pd.DataFrame:
     """Scan every file of a dataset into a manifest DataFrame (columns `COLUMNS`, sorted by path).
 
@@ -147,7 +148,7 @@ def scan_dataset(
         raise NotADirectoryError(f"{root} is not a folder: give the folder that holds the label folders")
     real_root = os.path.realpath(root)
     layout, entries = list_entries(Path(real_root))
-    rows = _scan_rows(real_root, [e.rel for e in entries if not e.is_link], workers, while_scanning)
+    rows = _scan_rows(real_root, [e.rel for e in entries if not e.is_link], workers, while_scanning, max_bytes)
     for entry in entries:
         if entry.is_link:
             rows[entry.rel] = _link_row(entry.rel)
@@ -168,11 +169,15 @@ def scan_dataset(
 
 
 def _scan_rows(
-    root: str, rels: list[str], workers: int, while_scanning: Callable[[], object] | None
+    root: str,
+    rels: list[str],
+    workers: int,
+    while_scanning: Callable[[], object] | None,
+    max_bytes: int = MAX_FILE_BYTES,
 ) -> dict[str, dict[str, Any]]:
     workers = workers or os.cpu_count() or 1
     if workers == 1 or len(rels) < _MIN_FILES_FOR_PROCESSES:
-        rows = {row["path"]: row for row in scan_files(root, rels)}
+        rows = {row["path"]: row for row in scan_files(root, rels, max_bytes)}
         if while_scanning:
             while_scanning()
         return rows
@@ -183,7 +188,7 @@ def _scan_rows(
     with ProcessPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
         # All work is submitted (and, with fork, every process started) before `while_scanning` runs, so
         # nothing it starts is forked into the workers.
-        futures = [pool.submit(scan_files, root, chunk) for chunk in chunks]
+        futures = [pool.submit(scan_files, root, chunk, max_bytes) for chunk in chunks]
         if while_scanning:
             while_scanning()
         for future in futures:

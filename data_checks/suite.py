@@ -39,6 +39,7 @@ class GateRules:
     max_imbalance_ratio: float = 10.0
     max_rejected_fraction: float = 0.0
     drift_kl_threshold: float = 0.1
+    max_file_bytes: int = 64 * 1024 * 1024  # images.MAX_FILE_BYTES: larger files are refused before they are read
 
 
 def add_check_columns(manifest: pd.DataFrame) -> pd.DataFrame:

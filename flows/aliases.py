@@ -30,7 +30,6 @@ version.
 
 from __future__ import annotations
 
-import getpass
 import json
 import logging
 import re
@@ -40,6 +39,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from vitops.flows.access import who
 from vitops.flows.registry import (
     GATED_ALIASES,
     RegistryError,
@@ -68,6 +68,7 @@ HISTORY_TAG = "vitops.history"
 CLAIM_PREFIX = "vitops.alias-claim"  # + /<model>/<alias>/<seq>: the experiment name that claims a move
 LEDGER = "vitops-alias-history"  # the experiment of the completed moves, one run each
 ALIASES_TAG = "vitops.aliases"  # on the registered model: its aliases, champion first, for the model list
+PILOT_OVERRIDE = "pilot override: champion moved outside a pilot, without its approval"  # an entry's note
 _CLAIM_NAME = re.compile(re.escape(CLAIM_PREFIX) + r"/(?P<model>[^/]+)/(?P<alias>[a-z]+)/(?P<seq>\d{6,})")
 _HISTORY_NAME = re.compile(r"(?P<model>.+)\.history\.(?P<alias>[a-z]+)\.(?P<seq>\d{6,})")  # older vitops
 
@@ -112,6 +113,7 @@ def move_alias(
     flow_run_id: str = "",
     approval: dict[str, Any] | None = None,
     override_gate: bool = False,
+    note: str = "",
 ) -> MoveRecord:
     """Point `alias` of `name` at `version` (None removes it) if it still points at `expect`, and record it.
 
@@ -125,6 +127,7 @@ def move_alias(
         flow_run_id: the Prefect flow run that moves it, if any.
         approval: the approval (who, when, comment, ...), kept as JSON.
         override_gate: let a version whose gate did not pass into `pilot` or `champion` (needs a reason).
+        note: kept with the entry (e.g. `PILOT_OVERRIDE`: champion moved outside a pilot).
 
     Raises:
         MoveConflict: the alias is not at `expect`, another move is in progress, or another move won the race.
@@ -151,7 +154,7 @@ def move_alias(
             override = True
     elif version is not None:
         read_version(client, name, version)
-    return _move(client, name, alias, version, wanted, reason, flow_run_id, approval, override)
+    return _move(client, name, alias, version, wanted, reason, flow_run_id, approval, override, note)
 
 
 def history(name: str, alias: str | None = None) -> list[MoveRecord]:
@@ -247,6 +250,7 @@ def _move(
     entries, claims = _read(client, name, alias)  # (1) the history, then (2) the alias: this order matters
     current = alias_holder(client, name, alias)
     last = entries[-1] if entries else None
+    completed = ""  # a crashed mover's move this call completed, said in its record and in any refusal
     if last is not None and not last.completed:  # (3)
         age = _age_s(last.time)
         if age < GRACE_S:
@@ -255,18 +259,24 @@ def _move(
                 f"{_v(last.to_version)} by {last.user}@{last.host}, {age:.0f} s ago); nothing moved. Retry once it "
                 f"completes (an abandoned move is rolled forward after {GRACE_S:.0f} s)"
             )
-        log.warning("rolling forward the abandoned move %d of %s of %s (%.0f s old)", last.seq, alias, name, age)
         _apply(client, last, claims.pop((alias, last.seq), None))
+        completed = (
+            f"completed move {last.seq}: {_v(last.from_version)} -> {_v(last.to_version)} left by a crashed mover "
+            f"({last.user}@{last.host}, {age:.0f} s ago)"
+        )
+        log.warning("%s of %s: %s", alias, name, completed)
+        note = "; ".join(filter(None, [note, completed]))
         current = alias_holder(client, name, alias)
     for claim_id in claims.values():  # the ledger has them: their movers died before dropping the claim
         delete_experiment(client, claim_id)
+    done = f"{completed}; then " if completed else ""
     if expect is not None and expect != _v(current):  # (4)
         raise MoveConflict(
-            f"{alias} of {name} points at {current or 'nothing'}, not {expect} as expected; nothing moved. "
+            f"{done}{alias} of {name} points at {current or 'nothing'}, not {expect} as expected; nothing moved. "
             f"Check the history, then retry expecting {_v(current)} if the move is still wanted"
         )
     if version == current:
-        raise RegistryError(f"{alias} of {name} already points at {current or 'nothing'}; nothing to move")
+        raise RegistryError(f"{done}{alias} of {name} already points at {current or 'nothing'}; nothing to move")
     if last is not None and last.to_version != current:
         outside = f"{alias} was moved outside vitops: history said {_v(last.to_version)}, registry had {_v(current)}"
         log.warning("%s: %s", name, outside)
@@ -278,7 +288,7 @@ def _move(
         from_version=current,
         to_version=version,
         time=datetime.now(UTC).isoformat(),
-        user=_user(),
+        user=who(),
         host=socket.gethostname(),
         flow_run_id=flow_run_id,
         reason=reason,
@@ -428,10 +438,3 @@ def _age_s(stamp: str) -> float:
         return (datetime.now(UTC) - datetime.fromisoformat(stamp)).total_seconds()
     except (TypeError, ValueError):
         return float("inf")  # unreadable time: treat the entry as abandoned
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no login name in some containers
-        return "unknown"

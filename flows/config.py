@@ -70,6 +70,7 @@ class ValidateParams(_Section):
     max_imbalance_ratio: float = Field(10.0, ge=1.0)
     reference_manifest: Path | None = None
     drift_kl_threshold: float = Field(0.1, gt=0.0)
+    max_file_mb: float = Field(64.0, gt=0.0, description="files larger than this are refused before they are read")
     max_rejected_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="share of files that may be rejected without failing the gate"
     )
@@ -323,6 +324,9 @@ class TrackingParams(_Section):
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "vitops"
     registered_model: str = "vitops-vit"
+    connect_timeout_s: float = Field(
+        20.0, gt=0.0, description="a tracking server or Prefect API that does not answer within this fails the command"
+    )
 
 
 class Params(_Section):

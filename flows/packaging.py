@@ -1,6 +1,8 @@
 """A version's pyfunc model: the model folder, the ONNX export, every engine with its metadata and
 `serving.json` (the bench numbers plus each file's sha256), saved as the MLflow pyfunc model of
-`flows/pyfunc_model.py` (shipped as code) and registered as a new version.
+`flows/pyfunc_model.py` (shipped as code) and registered as a new version, with the manifest of every file of it
+(`common/file_manifest.py`: each file's sha256, and the version's records) whose own sha256 is the version's tag
+`manifest.sha256`, and the MLflow user who registered it (`vitops.registered_by`).
 
 Every input is checked before the first write, so a refused registration leaves the registry as it was.
 """
@@ -16,8 +18,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from vitops.common.file_manifest import write_manifest
 from vitops.common.files import sha256_file
-from vitops.flows.registry import RegistryError, check_name, create_model, lookup, mlflow_client, server_errors
+from vitops.flows.access import identity
+from vitops.flows.registry import (
+    MANIFEST_TAG,
+    REGISTERED_BY_TAG,
+    SIGNED_TAG,
+    RegistryError,
+    check_name,
+    create_model,
+    lookup,
+    mlflow_client,
+    server_errors,
+)
+from vitops.flows.signing import sign_folder
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +77,13 @@ def register_version(
     client = mlflow_client()
     with server_errors(f"reading run {run_id}"):
         artifact_uri = client.get_run(run_id).info.artifact_uri
+    tags = {k: str(v) for k, v in tags.items()} | {REGISTERED_BY_TAG: identity().user}
     with tempfile.TemporaryDirectory(prefix="vitops-register-") as tmp:
         folder = _save_pyfunc(Path(tmp), model_dir, onnx_path, entries, serving, meta)
+        tags[MANIFEST_TAG] = write_manifest(folder, records=tags)  # the records, as registered, in the manifest
+        signed = sign_folder(folder)  # with VITOPS_SIGNING_KEY: the folder, manifest included
+        if signed:
+            tags[SIGNED_TAG] = signed
         with server_errors(f"registering a version of {name} from run {run_id}"):
             if lookup(client.get_registered_model, name) is None:
                 create_model(client, name)
@@ -73,7 +93,7 @@ def register_version(
                 name,
                 source=f"{artifact_uri}/{path}",
                 run_id=run_id,
-                tags={k: str(v) for k, v in tags.items()},
+                tags=tags,
                 description=description[:5000],  # the SQL store's column
             )
     log.info("registered %s version %s from run %s", name, version.version, run_id)

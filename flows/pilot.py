@@ -3,7 +3,7 @@
     prefect deployment run 'pilot/staged' --param stage='"shadow"'     # champion serves, candidate recorded
     prefect deployment run 'pilot/staged' --param stage='"canary"'     # a hash share to the candidate, guardrails
     prefect deployment run 'pilot/staged' --param stage='"promote"'    # checks, then pauses for an approval
-    vitops approve FLOW_RUN_ID --approver NAME [--reject] [--comment TEXT]
+    vitops approve FLOW_RUN_ID [--reject] [--comment TEXT]       # as your MLflow user (or --approver NAME)
     prefect deployment run 'pilot/staged' --param stage='"rollback"' --param reason='"..."'
     prefect deployment run 'pilot/staged' --param stage='"shadow"' --param source='"log"'   # on live traffic
 
@@ -30,7 +30,6 @@ import dataclasses
 import time
 from pathlib import Path
 from typing import Any, Literal
-from uuid import UUID
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -63,6 +62,7 @@ from vitops.flows.promotion import (
     promote_approved,
     promotion_checks,
     record_approval,
+    record_problems,
     rollback_champion,
 )
 from vitops.flows.retries import TRANSIENT
@@ -317,8 +317,8 @@ def _promote(versions: Versions, skip: list[str], reason: str, run_id: str, sett
     logger = get_run_logger()
     name, cand = versions.name, versions.candidate
     try:
-        required = promotion_checks(versions.tags, skip, reason)
-    except PilotError as err:
+        required = promotion_checks(versions.tags, skip, reason, record_problems(versions))
+    except (PilotError, registry.RegistryError) as err:
         return Failed(name=REFUSED, message=str(err))
     missing = [r for r in required if not r.met and not r.overridden]
     detail = "; ".join(r.detail for r in required)
@@ -331,9 +331,10 @@ def _promote(versions: Versions, skip: list[str], reason: str, run_id: str, sett
     description = (
         f"Promote **{name} version {cand}** to champion (now: {f'version {seen}' if seen else 'none'})?\n\n"
         + "\n".join(f"- {r.detail}" for r in required)
-        + f"\n\nResume with `vitops approve {run_id} --approver NAME [--reject] [--comment TEXT]`."
+        + f"\n\nResume with `vitops approve {run_id} [--reject] [--comment TEXT]` (an authenticating tracking server "
+        "names the approver; without one, add --approver NAME)."
     )
-    logger.warning("waiting for an approval: vitops approve %s --approver NAME [--reject] [--comment TEXT]", run_id)
+    logger.warning("waiting for an approval: vitops approve %s [--approver NAME] [--reject] [--comment TEXT]", run_id)
     timeout = settings.approval_timeout_s
     try:
         answer = pause_flow_run(
@@ -354,7 +355,7 @@ def _promote(versions: Versions, skip: list[str], reason: str, run_id: str, sett
         records.record_pilot_stage(PROMOTE, versions, "rejected", run_id, message)
         return Failed(name=REJECTED, message=message)
     try:
-        move = promote_approved(versions, run_id, seen, reason or detail, "gate" in skip)
+        move = promote_approved(versions, run_id, seen, reason or detail, "gate" in skip, settings.four_eyes)
     except (aliases.MoveConflict, PilotError, registry.RegistryError) as err:
         message = f"approved, but champion not moved: {err}"
         records.record_pilot_stage(PROMOTE, versions, "conflict", run_id, message)
@@ -379,42 +380,3 @@ def _rollback(name: str, reason: str, run_id: str, run: RunContext) -> Any:
     records.tag_rolled_back(name, str(move.from_version), reason)
     _end_pilot(name, f"pilot over: champion rolled back to version {move.to_version}", run_id, str(move.from_version))
     return Completed(message=message)
-
-
-def approve(flow_run_id: str, approver: str, reject: bool = False, comment: str = "") -> str:
-    """Resume a paused `promote` run with a person's decision, through the Prefect API.
-
-    Raises:
-        PilotError: no such flow run, it is not paused waiting for an approval, or the API refused the input.
-    """
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import FlowPauseTimeout, ObjectNotFound
-    from prefect.flow_runs import resume_flow_run
-
-    if not approver.strip():
-        raise PilotError("--approver NAME is required: the approval is recorded with who gave it")
-    try:
-        run_uuid = UUID(flow_run_id)
-    except ValueError as err:
-        raise PilotError(f"{flow_run_id!r} is not a flow run id (a UUID, as the paused run's log shows)") from err
-    with get_client(sync_client=True) as client:
-        try:
-            run = client.read_flow_run(run_uuid)
-        except ObjectNotFound as err:
-            raise PilotError(f"no flow run {flow_run_id} at this Prefect API: check PREFECT_API_URL") from err
-    state = run.state
-    if state is None or not state.is_paused():
-        raise PilotError(
-            f"flow run {flow_run_id} ({run.name}) is {state.name if state else 'without a state'}, not paused for "
-            "an approval: nothing to approve"
-        )
-    if not state.state_details.run_input_keyset:
-        raise PilotError(f"flow run {flow_run_id} is paused but waits for no input: resume it in the Prefect UI")
-    decision = {"approve": not reject, "approver": approver.strip(), "comment": comment}
-    try:
-        resume_flow_run(run_uuid, run_input=decision)
-    except FlowPauseTimeout as err:
-        raise PilotError(f"flow run {flow_run_id} can no longer be resumed: its approval timed out") from err
-    except RuntimeError as err:
-        raise PilotError(f"the Prefect API refused the approval of {flow_run_id}: {err}") from err
-    return f"{'rejected' if reject else 'approved'} flow run {flow_run_id} ({run.name}) as {approver.strip()}"

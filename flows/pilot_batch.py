@@ -74,6 +74,7 @@ class BatchRules:
     drift_kl_threshold: float
     workers: int
     manifest: Path  # this machine's training manifest: the drift reference when the version logged none
+    max_file_bytes: int = 64 * 1024 * 1024
 
     @classmethod
     def from_params(cls, validate: ValidateParams, pilot: PilotParams) -> BatchRules:
@@ -85,6 +86,7 @@ class BatchRules:
             drift_kl_threshold=validate.drift_kl_threshold,
             workers=validate.workers,
             manifest=Path(validate.manifest),
+            max_file_bytes=int(validate.max_file_mb * 2**20),
         )
 
 
@@ -116,6 +118,7 @@ def check_batch(batch: Path, versions: Versions, out: Path, rules: BatchRules) -
         min_height=rules.min_height,
         max_rejected_fraction=rules.max_rejected_fraction,
         drift_kl_threshold=rules.drift_kl_threshold,
+        max_file_bytes=rules.max_file_bytes,
     )
     reference = _training_manifest(versions, rules.manifest, out)
     report = validate_batch(

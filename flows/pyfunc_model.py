@@ -36,7 +36,8 @@ The output is a DataFrame with `label`, `confidence` and one `prob_<class>` colu
 
 This module is shipped as code with the model (`save`) and imported as the top-level module `pyfunc_model`; it
 imports only the standard library, numpy, pandas, PIL, mlflow, onnxruntime and openvino (never vit, deploy or
-flows), and torch only inside the torch-aot runner (through `aot_runtime`, shipped with it). With `DO_NOT_TRACK`
+flows), and torch only inside the torch-aot runner (through `aot_runtime`, shipped with it). `file_manifest.py`,
+shipped with it too, checks every file against the version's manifest before anything loads. With `DO_NOT_TRACK`
 set, openvino's telemetry module is hidden before openvino is imported, as in `deploy.openvino`.
 """
 
@@ -83,8 +84,14 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context: Any) -> None:
-        """Read the model and serving metadata and open the fastest engine this machine can run."""
+        """Check every file against the version's manifest, then read the model and serving metadata and open the
+        fastest engine this machine can run.
+
+        Raises:
+            ManifestError: a file differs from the manifest, is missing or was added (named in the message).
+        """
         artifacts = context.artifacts
+        verify_files(Path(artifacts["serving"]).parents[1] if "serving" in artifacts else None)
         model_dir = Path(artifacts["model"])
         self.model_dir = model_dir  # the PyTorch model folder: heatmaps of the pilot's disagreements
         self.meta: dict[str, Any] = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
@@ -141,6 +148,18 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
+def verify_files(root: Path | None) -> int:
+    """Check the pyfunc folder `root` against its `vitops_manifest.json` (every file, its sha256, nothing added):
+    how many files were checked, 0 for a version registered before vitops wrote manifests (logged). Raises
+    `ManifestError`, naming the file, when one differs, is missing, or is not in the manifest."""
+    manifest = _shipped("file_manifest", _code_file("file_manifest.py", "common"))
+    if root is None or not (root / manifest.MANIFEST_FILE).is_file():
+        log.warning("vitops pyfunc: %s holds no %s (registered before vitops wrote manifests): its files are checked "
+                    "against serving.json only", root, manifest.MANIFEST_FILE)  # fmt: skip
+        return 0
+    return manifest.check_folder(root, manifest.read_manifest(root))
+
+
 def save(path: Path, artifacts: dict[str, str], classes: list[str], img_size: int) -> Path:
     """Save an `ImageClassifier` with its artifacts into `path`, shipping this file as its code.
 
@@ -169,7 +188,11 @@ def save(path: Path, artifacts: dict[str, str], classes: list[str], img_size: in
         path=str(path),
         python_model=ImageClassifier(),
         artifacts=artifacts,
-        code_paths=[__file__, str(_aot_runtime_file())],
+        code_paths=[
+            __file__,
+            str(_code_file("aot_runtime.py", "deploy")),
+            str(_code_file("file_manifest.py", "common")),
+        ],
         signature=signature,
         input_example=np.zeros((1, img_size, img_size, 3), dtype=np.uint8),
         pip_requirements=[f"{package}=={version(package)}" for package in REQUIREMENTS],  # no inference run
@@ -247,25 +270,30 @@ class _CannotRunHere(RuntimeError):
     """An engine for other hardware (a torch-aot engine for CUDA on a machine without it): skipped, not an error."""
 
 
-def _aot_runtime_file() -> Path:
-    # Shipped beside this file in the model's code/; in a source checkout it is deploy/aot_runtime.py.
+def _code_file(name: str, package: str) -> Path:
+    """A module shipped beside this file in the model's code/; in a source checkout, `<package>/<name>`."""
     here = Path(__file__).resolve()
-    shipped = here.with_name("aot_runtime.py")
-    return shipped if shipped.is_file() else here.parents[1] / "deploy" / "aot_runtime.py"
+    return here.with_name(name) if here.with_name(name).is_file() else here.parents[1] / package / name
+
+
+def _shipped(name: str, file: Path) -> Any:
+    """A module shipped as code with the model, imported from its file as the top-level module `name`."""
+    import importlib.util
+
+    module = sys.modules.get(name)
+    if module is None or Path(module.__file__ or "").resolve() != file:
+        spec = importlib.util.spec_from_file_location(name, file)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return module
 
 
 def _aot_runner(path: Path, entry: dict[str, Any], model_dir: Path) -> Runner:
     """A torch-aot engine, checked against this machine and opened by `aot_runtime` (imported from its file as the
     top-level module `aot_runtime`); a CUDA engine's runner also takes uint8 images (`classify_images`)."""
-    import importlib.util
-
-    runtime, file = sys.modules.get("aot_runtime"), _aot_runtime_file()
-    if runtime is None or Path(runtime.__file__ or "").resolve() != file:
-        spec = importlib.util.spec_from_file_location("aot_runtime", file)
-        assert spec is not None and spec.loader is not None
-        runtime = importlib.util.module_from_spec(spec)
-        sys.modules["aot_runtime"] = runtime
-        spec.loader.exec_module(runtime)
+    runtime = _shipped("aot_runtime", _code_file("aot_runtime.py", "deploy"))
     if not path.is_file():
         raise FileNotFoundError(path)
     try:

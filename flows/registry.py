@@ -28,6 +28,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 ALIASES = ("candidate", "pilot", "champion")
+MANIFEST_TAG = "manifest.sha256"  # the sha256 of the version's vitops_manifest.json (common/file_manifest.py)
+REGISTERED_BY_TAG = "vitops.registered_by"  # the MLflow user who registered it, or "unauthenticated"
+SIGNED_TAG = "manifest.signed_with"  # the key file that signed the folder (flows/signing.py), where one did
 GATED_ALIASES = ("pilot", "champion")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
@@ -122,18 +125,16 @@ def _tag_value(value: Any) -> str:
 
 
 def load_pyfunc(name: str, version: str) -> Any:
-    """The version's pyfunc `ImageClassifier` (`flows/pyfunc_model.py`), downloaded from the registry.
+    """The version's pyfunc `ImageClassifier` (`flows/pyfunc_model.py`), downloaded from the registry and checked
+    against its manifest (`fetch_version`) before it loads.
 
     Raises:
+        ArtifactCheckError: a file differs from the version's manifest (named), or a record was edited.
         RegistryError: the version cannot be downloaded or loaded; the message names the server.
     """
-    import mlflow
-
-    try:
-        model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
-    except Exception as err:  # MlflowException, connection errors, a model this machine cannot load
-        raise RegistryError(f"cannot load {name} version {version} from {server_uri()}: {err}") from err
-    return model.unwrap_python_model()
+    # Left in place, as MLflow leaves its own downloads: an engine may read its file after the load.
+    path = fetch_version(name, version, Path(tempfile.mkdtemp(prefix="vitops-load-")))
+    return load_local_pyfunc(path)[0].unwrap_python_model()
 
 
 class ArtifactCheckError(RegistryError):
@@ -142,7 +143,7 @@ class ArtifactCheckError(RegistryError):
 
 def fetch_version(name: str, version: str, cache: Path) -> Path:
     """The version's pyfunc model in `cache/<name>/<version>`, downloaded unless an intact copy is there, with
-    every file's sha256 checked against the version's records (`serving.json`, and the `weights_sha256` tag).
+    every file checked against the version's manifest (`check_artifacts`).
 
     A download goes to a partial folder first and is renamed into place only after its check, so a crash or a
     refused version never leaves a folder that looks served.
@@ -177,11 +178,40 @@ def fetch_version(name: str, version: str, cache: Path) -> Path:
     return final
 
 
-def check_artifacts(model_dir: Path, tags: dict[str, str]) -> None:
-    """Check each file `serving.json` records (engines, ONNX export, weights) against its sha256, and the weights
-    against the version's `weights_sha256` tag where it has one."""
-    from vitops.common.files import sha256_file
+def check_artifacts(model_dir: Path, tags: dict[str, str]) -> int:
+    """Check a downloaded version against its manifest (`manifest.sha256`): the manifest is the one registered,
+    every file is in it with its sha256 and none was added, and the records it holds (gate verdict, KPIs, data
+    and code versions, who registered it) are still the version's tags; how many files were checked.
 
+    A version registered before vitops wrote manifests has each file `serving.json` records (engines, ONNX export,
+    weights) checked against its sha256, and the weights against the version's `weights_sha256` tag. With
+    `VITOPS_VERIFY_KEY` set, the folder's signature must verify first (`flows/signing.py`).
+
+    Raises:
+        ArtifactCheckError: the first file or record that differs, named.
+    """
+    from vitops.common.file_manifest import ManifestError, check_folder, read_manifest
+    from vitops.common.files import sha256_file
+    from vitops.flows.signing import SignatureError, verify_folder
+
+    try:
+        verify_folder(Path(model_dir))  # with VITOPS_VERIFY_KEY: signed with its key, or refused
+    except SignatureError as err:
+        raise ArtifactCheckError(str(err)) from None
+    if tags.get(MANIFEST_TAG):
+        try:
+            manifest = read_manifest(Path(model_dir), tags[MANIFEST_TAG])
+            checked = check_folder(Path(model_dir), manifest)
+        except ManifestError as err:
+            raise ArtifactCheckError(str(err)) from None
+        for key, value in sorted(manifest.get("records", {}).items()):
+            if tags.get(key) != value:
+                raise ArtifactCheckError(
+                    f"tag {key} is {tags.get(key)!r} in the registry, {value!r} in the version's manifest: it was "
+                    "edited after registration"
+                )
+        return checked
+    log.warning("%s has no manifest (registered before vitops wrote one): checked against serving.json", model_dir)
     art = Path(model_dir) / "artifacts"
     try:
         serving = json.loads((art / "serving.json").read_text(encoding="utf-8"))
@@ -202,6 +232,7 @@ def check_artifacts(model_dir: Path, tags: dict[str, str]) -> None:
         actual = sha256_file(path)
         if actual != expected:
             raise ArtifactCheckError(f"{rel}: sha256 {actual[:12]}... differs from its record {expected[:12]}...")
+    return len(records)
 
 
 def load_local_pyfunc(model_dir: Path) -> tuple[Any, Any]:
@@ -233,6 +264,10 @@ def load_local_pyfunc(model_dir: Path) -> tuple[Any, Any]:
 def mlflow_client() -> Any:
     from mlflow import MlflowClient
 
+    from vitops.flows.connection import bound_mlflow_retries, connect_timeout
+
+    bound_mlflow_retries(connect_timeout())  # a server that goes away fails within the limit, not in 250 s
+
     return MlflowClient()
 
 
@@ -252,6 +287,13 @@ def server_errors(what: str) -> Iterator[None]:
     except RegistryError:
         raise
     except (MlflowException, OSError) as err:  # requests' errors are OSErrors
+        code = getattr(err, "error_code", "")
+        if code in ("PERMISSION_DENIED", "UNAUTHENTICATED"):  # an authenticating server said no
+            who = os.environ.get("MLFLOW_TRACKING_USERNAME") or "a caller without credentials"
+            raise RegistryError(
+                f"MLflow at {server_uri()}: {what} was refused to {who} ({code}: {getattr(err, 'message', err)}). "
+                "Ask an MLflow admin for the permission on the model, or use credentials that hold it"
+            ) from err
         raise RegistryError(
             f"MLflow at {server_uri()}: {what} failed: {getattr(err, 'message', err)}. Check that the tracking "
             "server is running and MLFLOW_TRACKING_URI points at it"

@@ -60,6 +60,9 @@ class PilotParams(Section):
     max_rejected_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of batch files the gate may reject")
     grid_images: int = Field(16, ge=0, description="disagreements shown in the report's picture grid")
     approval_timeout_s: int = Field(86_400, ge=1, description="how long `promote` waits for an approval")
+    four_eyes: bool = Field(
+        False, description="the approver must differ from who registered the candidate and who started the promote"
+    )
     approval_poll_s: int = Field(10, ge=1, description="how often the paused run checks for the approval")
     online: OnlineGuardrails = Field(default_factory=OnlineGuardrails)
 

@@ -128,7 +128,7 @@ def dataset_of(params: Params, root: Path | str | None = None) -> Dataset:
 
 def run_context(params: Params, parent_run_id: str | None = None) -> RunContext:
     """Where a stage logs: the tracking server and experiment of params.yaml, under `parent_run_id` if given."""
-    return RunContext(params.tracking.uri, params.tracking.experiment, parent_run_id)
+    return RunContext(params.tracking.uri, params.tracking.experiment, parent_run_id, params.tracking.connect_timeout_s)
 
 
 def prices_of(params: Params) -> Any:

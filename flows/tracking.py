@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vitops.flows.connection import DEFAULT_TIMEOUT_S, bound_mlflow_retries, check_mlflow, connect_timeout
+
 log = logging.getLogger(__name__)
 
 
@@ -31,11 +33,15 @@ def tracking_uri(default: str) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or default
 
 
-def configure(uri: str, experiment: str) -> str:
-    """Point MLflow at `uri` (unless the environment overrides it) and select `experiment`.
+def configure(uri: str, experiment: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> str:
+    """Point MLflow at `uri` (unless the environment overrides it) and select `experiment`, after checking that a
+    tracking server answers within `timeout_s` and takes the environment's credentials (`flows/connection.py`).
 
     Returns:
         The tracking URI in effect.
+
+    Raises:
+        ServerUnreachable, CredentialsRefused: the server is down, or refuses the credentials.
     """
     import mlflow
 
@@ -44,6 +50,9 @@ def configure(uri: str, experiment: str) -> str:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no download bars in logs
     uri = tracking_uri(uri)
+    timeout_s = connect_timeout(timeout_s)
+    bound_mlflow_retries(timeout_s)
+    check_mlflow(uri, timeout_s)
     mlflow.set_tracking_uri(uri)
     try:
         _experiment_id = mlflow.set_experiment(experiment).experiment_id
@@ -63,10 +72,11 @@ class RunContext:
     uri: str
     experiment: str
     parent_run_id: str | None = None
+    connect_timeout_s: float = DEFAULT_TIMEOUT_S
 
     def configure(self) -> str:
         """Point MLflow at this context's server and experiment; the tracking URI in effect."""
-        return configure(self.uri, self.experiment)
+        return configure(self.uri, self.experiment, self.connect_timeout_s)
 
 
 @dataclass

@@ -75,6 +75,7 @@ def validate(
         max_imbalance_ratio=checks.max_imbalance_ratio,
         max_rejected_fraction=checks.max_rejected_fraction,
         drift_kl_threshold=checks.drift_kl_threshold,
+        max_file_bytes=int(checks.max_file_mb * 2**20),
     )
     report_path = Path(report or checks.report)
     manifest_path = Path(manifest or checks.manifest)

@@ -61,6 +61,47 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     stop_server(proc)
 
 
+ADMIN_PASSWORD = "admin-pw-for-tests-only"
+PREFECT_AUTH_STRING = "vitops:prefect-pw-for-tests-only"
+
+
+@pytest.fixture(scope="session")
+def auth_mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A real `mlflow server --app-name basic-auth` on 127.0.0.1 (users, permissions; everyone else READ), its admin
+    `admin` with ADMIN_PASSWORD; yields its URL, admin credentials and artifact folder."""
+    root = tmp_path_factory.mktemp("auth-mlflow-server")
+    ini = root / "basic_auth.ini"
+    ini.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{root / 'basic_auth.db'}\n"
+        f"admin_username = admin\nadmin_password = {ADMIN_PASSWORD}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host", "127.0.0.1", "--port",
+           str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+           "--artifacts-destination", str(root / "artifacts")]  # fmt: skip
+    env = os.environ | {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": "vitops-tests-only"}
+    proc = start_server(cmd, f"{url}/health", root / "server.log", env=env)
+    yield {"url": url, "user": "admin", "password": ADMIN_PASSWORD, "artifacts": str(root / "artifacts")}
+    stop_server(proc)
+
+
+@pytest.fixture(scope="session")
+def auth_prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A real `prefect server start` that asks every request for PREFECT_AUTH_STRING; yields its API URL and it."""
+    home = tmp_path_factory.mktemp("auth-prefect-server")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_UI_ENABLED": "false",
+                        "PREFECT_SERVER_API_AUTH_STRING": PREFECT_AUTH_STRING}  # fmt: skip
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    proc = start_server(cmd, f"{api}/health", home / "server.log", env=env)
+    yield {"api": api, "auth": PREFECT_AUTH_STRING}
+    stop_server(proc)
+
+
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `prefect server start` on 127.0.0.1 (UI off, its own PREFECT_HOME and database); yields its API URL."""

@@ -92,3 +92,31 @@ def test_interrupted_manifest_write_keeps_the_previous_manifest(
     with pytest.raises(KeyboardInterrupt):
         write_manifest(manifest.head(1), path)
     assert path.read_bytes() == before and [p.name for p in path.parent.iterdir()] == ["manifest.csv"]
+
+
+def test_a_file_over_the_size_limit_is_refused_before_it_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import builtins
+
+    from vitops.data_checks import images
+
+    write_clean(tmp_path, {"a": 6})
+    with open(tmp_path / "a" / "huge.png", "wb") as fh:  # a sparse 3 GiB file: no disk, and it must not be read
+        fh.truncate(3 * 2**30)
+    (tmp_path / "a" / "junk.png").write_bytes(b"not an image" * 50_000)
+    reads: list[int] = []
+    real_open = builtins.open
+
+    def counting_fdopen(fd: int, *args: object, **kwargs: object) -> object:
+        reads.append(fd)
+        return real_open(fd, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(images.os, "fdopen", counting_fdopen)
+    rows = scan_dataset(tmp_path, FRACTIONS, workers=1, max_bytes=2**20).set_index("path")
+    assert "over the size limit of 1.0 MiB" in rows.loc["a/huge.png", "error"]
+    assert rows.loc["a/huge.png", "bytes"] == 3 * 2**30 and rows.loc["a/huge.png", "sha256"] == ""
+    assert len(reads) == 7  # the six images and the junk file were opened; the huge one never
+    junk = rows.loc["a/junk.png"]
+    assert "not an image Pillow can read" in junk["error"] and junk["bytes"] == 600_000 and len(junk["sha256"]) == 64
+    assert (rows.drop(index=["a/huge.png", "a/junk.png"])["error"] == "").all()

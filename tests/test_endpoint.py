@@ -68,7 +68,7 @@ def endpoint(registry: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     stop_server(server)
     log = (work / "endpoint.log").read_text()
     assert "vitops endpoint: stopped" in log, log[-3000:]
-    assert "Traceback" not in log, log[-3000:]
+    assert "Traceback" not in log and "Already not alive" not in log, log[-3000:]  # a stop is quiet
 
 
 @pytest.fixture()

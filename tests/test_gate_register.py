@@ -123,12 +123,17 @@ def test_gate_fail_gets_no_candidate_and_promotion_needs_a_recorded_override(par
     assert _aliases(client).get("candidate") == before  # untouched
 
     promote = ["--params", str(params), "promote", MODEL, "--version", str(failed), "--expect", "none"]
-    assert main(promote) == 2
+    assert main(promote) == 2  # champion moves through a pilot's approval, or as a recorded admin override
+    assert "moves through a pilot" in capsys.readouterr().err
+    assert main([*promote, "--override-pilot"]) == 2  # an override needs a reason
+    assert "--override-pilot needs --reason" in capsys.readouterr().err
+    admin = [*promote, "--override-pilot", "--reason", "latency limit is for the edge box, not this pilot"]
+    assert main(admin) == 2
     assert "did not pass the gate" in capsys.readouterr().err
     assert "champion" not in client.get_registered_model(MODEL).aliases
-    assert main([*promote, "--override-gate"]) == 2  # an override needs a reason
-    assert main([*promote, "--override-gate", "--reason", "latency limit is for the edge box, not this pilot"]) == 0
-    assert f"{MODEL}@champion: none -> v{failed}" in capsys.readouterr().out
+    assert main([*admin, "--override-gate"]) == 0
+    out = capsys.readouterr().out
+    assert f"{MODEL}@champion: none -> v{failed}" in out and "pilot override" in out
     assert client.get_registered_model(MODEL).aliases["champion"] == str(failed)
 
     assert main(["--params", str(params), "history", MODEL, "--json"]) == 0
@@ -136,6 +141,7 @@ def test_gate_fail_gets_no_candidate_and_promotion_needs_a_recorded_override(par
     moves = [json.loads(line) for line in out.splitlines()]
     champion = [m for m in moves if m["alias"] == "champion"]
     assert len(champion) == 1 and champion[0]["override"] and "edge box" in champion[0]["reason"]
+    assert champion[0]["note"].startswith("pilot override: champion moved outside a pilot")
     assert [m["alias"] for m in moves].count("candidate") >= 1
 
     assert main(["--params", str(params), "lineage", f"{MODEL}@champion"]) == 0

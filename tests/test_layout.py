@@ -18,9 +18,13 @@ FLOWS_LAYERS = {
     "serving_config": 0,
     "review_config": 0,
     "retries": 0,
+    "connection": 0,
+    "signing": 0,
     "tracking": 1,
     "registry": 1,
     "aliases": 1,
+    "access": 1,
+    "artifacts": 1,
     "packaging": 1,
     "pyfunc_model": 1,
     "versioning": 1,
@@ -42,6 +46,7 @@ FLOWS_LAYERS = {
     "from_log": 3,
     "scoring": 3,
     "promotion": 3,
+    "approval": 3,
     "retrain": 4,
     "pilot": 4,
     "drift": 4,
@@ -50,7 +55,15 @@ FLOWS_LAYERS = {
 }
 # The core may import only these of vitops (DESIGN.md, "Layers").
 CORE_MAY_IMPORT = {"common": set(), "data_checks": {"common"}, "vit": {"common"}, "deploy": {"common"}}
-MLFLOW_MODULES = {"flows.tracking", "flows.registry", "flows.aliases", "flows.packaging", "flows.pyfunc_model"}
+MLFLOW_MODULES = {
+    "flows.tracking",
+    "flows.registry",
+    "flows.aliases",
+    "flows.packaging",
+    "flows.pyfunc_model",
+    "flows.access",
+    "flows.artifacts",
+}
 
 
 def _modules() -> dict[str, Path]:

@@ -249,6 +249,7 @@ def test_promote_rejected_then_timed_out_then_approved_then_rolled_back(pilot_en
     assert tags["approval.decision"] == "approved" and tags["approval.comment"] == "canary clean"
     last = _history(e, "champion")[-1]
     assert last.to_version == v2 and last.from_version == v1 and last.approval["approver"] == "alice"
+    assert last.approval["identity"] == "unauthenticated" and last.user.endswith("(unauthenticated)")
     assert last.flow_run_id == run_id
     again = _vitops(e["env"], e["project"], "approve", run_id, "--approver", "alice")
     assert again.returncode == 2 and "not paused" in again.stderr

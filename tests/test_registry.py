@@ -391,12 +391,21 @@ def test_an_older_vitops_claims_in_progress_block_and_stale_ones_are_rolled_forw
 
     MlflowClient().delete_registered_model(f"{name}.history.champion.000002")
     _plant(name, 2, v1, v2, age=timedelta(minutes=10))
-    with caplog.at_level(logging.WARNING, logger="vitops.flows.aliases"):
-        record = aliases.move_alias(name, "champion", v3, expect=v2, reason="after the crash")
-    assert "rolling forward the abandoned move 2" in caplog.text
+    done = f"completed move 2: {v1} -> {v2} left by a crashed mover \\(crashed@elsewhere"
+    with caplog.at_level(logging.WARNING, logger="vitops.flows.aliases"):  # its own move refused for its own reason
+        with pytest.raises(MoveConflict, match=rf"{done}.*; then champion of {name} points at {v2}, not {v1}"):
+            aliases.move_alias(name, "champion", v3, expect=v1, reason="expecting what it saw before the crash")
+    assert f"completed move 2: {v1} -> {v2}" in caplog.text and champion(name) == v2
     entries = aliases.history(name, "champion")
-    assert [(e.seq, e.to_version, e.completed) for e in entries] == [(1, v1, True), (2, v2, True), (3, v3, True)]
-    assert record.from_version == v2 and champion(name) == v3
+    assert [(e.seq, e.to_version, e.completed) for e in entries] == [(1, v1, True), (2, v2, True)]
+
+    MlflowClient().delete_registered_model(f"{name}.history.champion.000002")  # the ledger has it now
+    _plant(name, 3, v2, v1, age=timedelta(minutes=10))
+    record = aliases.move_alias(name, "champion", v3, expect=v1, reason="after the crash")  # done in the same call
+    assert record.from_version == v1 and champion(name) == v3
+    assert record.note.startswith(f"completed move 3: {v2} -> {v1} left by a crashed mover")
+    entries = aliases.history(name, "champion")
+    assert [(e.seq, e.to_version, e.completed) for e in entries][2:] == [(3, v1, True), (4, v3, True)]
 
 
 def test_alias_moved_outside_vitops_is_reported(server: str, release: Release) -> None:

@@ -3,9 +3,10 @@
 Run `vitops --help`. Every command reads `params.yaml` (or `--params FILE`); the flags a command offers
 override single values from it. Each command group lives in its own module of this package and registers
 itself here: `data` (sample, import, from-log, validate), `train` (pretrain-standin, train, evaluate), `engines`
-(export, build, bench), `registry` (gate, register, promote, rollback, history, lineage), `runs` (retrain, drift,
-serve), `pilot` (pilot, approve), `endpoint` (the line-side inference endpoint), `feedback` (import, accuracy)
-and `explain` (heatmaps). The commands only parse and print; the stage functions they call do the work.
+(export, build, bench), `registry` (gate, register, promote, rollback, history, lineage, verify), `runs`
+(retrain, drift, serve), `pilot` (pilot, approve), `endpoint` (the line-side inference endpoint), `feedback`
+(import, accuracy) and `explain` (heatmaps). The commands only parse and print; the stage functions they call do
+the work.
 
 Exit codes, the same for every command: 0 ok; 1 a gate said no (data gate, parity gate, KPI gate); 2 a usage
 or configuration error, with one message; 3 a crash, with its traceback. `-v` adds debug logging and the
@@ -36,7 +37,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     Each command group names the error classes of the core functions it calls in `user_errors()`; they are
     imported only when an error is being reported, so `vitops validate` never pays for importing torch.
     """
+    from vitops.flows.connection import CredentialsRefused, ServerUnreachable
+
     errors: tuple[type[BaseException], ...] = (ParamsError, FileNotFoundError, NotADirectoryError)
+    errors += (ServerUnreachable, CredentialsRefused)
     for group in _GROUPS:
         errors += group.user_errors()
     return errors

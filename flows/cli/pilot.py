@@ -6,8 +6,10 @@ vitops pilot STAGE [--model NAME] [--version candidate|N] [--batch DIR] [--skip 
         recorded; exit 1 when the stage said no (batch rejected, guardrail breach, refused, rejected, timed out).
         --source log: shadow and canary judge what the endpoints answered on live traffic (the prediction log)
         since TIME (2026-12-04T10:00, 24h; default: when the stage started) instead of scoring a batch
-vitops approve FLOW_RUN_ID --approver NAME [--reject] [--comment TEXT]
-        answer a paused `promote` run through the Prefect API (Prefect has no CLI verb for resuming a run)
+vitops approve FLOW_RUN_ID [--approver NAME] [--reject] [--comment TEXT]
+        answer a paused `promote` run through the Prefect API (Prefect has no CLI verb for resuming a run); where
+        the tracking server authenticates, as your MLflow user, who needs MANAGE on the model (--approver only
+        without authentication)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from vitops.deploy.prediction_log import LogError
     from vitops.flows.pilot_batch import PilotError
 
-    return (PilotError, BatchError, LogError)
+    return (PilotError, BatchError, LogError)  # AccessDenied is a RegistryError: the registry group names it
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,9 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--since", help=since)
     p.set_defaults(handler=cmd_pilot)
 
-    p = sub.add_parser("approve", help="approve (or --reject) a paused promote run, with your name")
+    p = sub.add_parser("approve", help="approve (or --reject) a paused promote run, as your MLflow user")
     p.add_argument("flow_run_id", help="the paused run's id (its log and the Prefect UI show it)")
-    p.add_argument("--approver", required=True, help="your name, recorded with the version")
+    who = "your name, where the tracking server authenticates nobody (else your MLflow user is the approver)"
+    p.add_argument("--approver", default="", help=who)
     p.add_argument("--reject", action="store_true", help="reject: nothing is moved")
     p.add_argument("--comment", default="", help="recorded with the decision")
     p.set_defaults(handler=cmd_approve)
@@ -56,7 +59,7 @@ def cmd_pilot(args: argparse.Namespace, params: Params) -> int:
     """Run one pilot stage and print its outcome and report."""
     from vitops.flows.cli.runs import prefect_settings
 
-    prefect_settings()  # before Prefect is imported: it sets up its logging then
+    prefect_settings(params.tracking.connect_timeout_s)  # before Prefect is imported: it sets up its logging then
     from prefect.exceptions import FailedRun
 
     from vitops.flows.pilot import BREACH, INCONCLUSIVE, pilot
@@ -108,7 +111,13 @@ def cmd_pilot(args: argparse.Namespace, params: Params) -> int:
 
 def cmd_approve(args: argparse.Namespace, params: Params) -> int:
     """Resume a paused promote run with the decision."""
-    from vitops.flows.pilot import approve
+    from vitops.flows.cli.runs import prefect_settings
 
-    print(approve(args.flow_run_id, args.approver, reject=args.reject, comment=args.comment))
+    prefect_settings(params.tracking.connect_timeout_s)
+    from vitops.flows.approval import approve
+    from vitops.flows.settings import run_context
+
+    run_context(params).configure()  # who the tracking server says you are
+    model = params.tracking.registered_model
+    print(approve(args.flow_run_id, args.approver, reject=args.reject, comment=args.comment, model=model))
     return 0

@@ -14,6 +14,8 @@ vitops history NAME [--alias A] [--json] [--migrate]
 vitops lineage NAME@ALIAS | NAME/VERSION
         data version, training run, evaluation, KPI verdict, engines, approvals, alias moves and the model card
         of one version
+vitops verify NAME@ALIAS | NAME/VERSION
+        download the version afresh and check every file and record against its manifest; exit 1 when one differs
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import json
 import sys
 from typing import Any
 
-from vitops.flows import aliases, registry
+from vitops.flows import access, aliases, artifacts, registry
 from vitops.flows.config import Params, params_hash
 from vitops.flows.settings import model_folder, run_context
 
@@ -55,7 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alias", default="champion", help="candidate | pilot | champion (default: champion)")
     p.add_argument("--expect", help="the version the alias must point at now, or `none`; default: as read now")
     p.add_argument("--override-gate", action="store_true", help="promote a version whose KPI gate failed")
-    p.add_argument("--reason", default="", help="why; required with --override-gate; recorded in the history")
+    admin = "move champion outside a pilot, without its approval (the admin path; needs --reason)"
+    p.add_argument("--override-pilot", action="store_true", help=admin)
+    p.add_argument("--reason", default="", help="why; required with the overrides; recorded in the history")
     p.set_defaults(handler=cmd_promote)
 
     p = sub.add_parser("rollback", help="put back the version that held the alias before")
@@ -77,6 +81,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("ref", help="NAME@ALIAS or NAME/VERSION")
     p.add_argument("--json", action="store_true", help="print the lineage as JSON")
     p.set_defaults(handler=cmd_lineage)
+
+    p = sub.add_parser("verify", help="check every file of a version against its manifest; exit 1 when one differs")
+    p.add_argument("ref", help="NAME@ALIAS or NAME/VERSION")
+    p.set_defaults(handler=cmd_verify)
 
 
 def cmd_gate(args: argparse.Namespace, params: Params) -> int:
@@ -115,9 +123,20 @@ def _configure(params: Params) -> None:
 
 def cmd_promote(args: argparse.Namespace, params: Params) -> int:
     """Checked alias move."""
+    if args.alias == "champion" and not args.override_pilot:
+        raise registry.RegistryError(
+            f"champion of {args.name} moves through a pilot (vitops pilot promote, then vitops approve), which checks "
+            "the shadow and canary records and asks an approval. To move it outside a pilot (the admin path), pass "
+            "--override-pilot --reason TEXT: the history records the move as an override"
+        )
+    if args.override_pilot and args.alias != "champion":
+        raise registry.RegistryError(f"--override-pilot is for champion; {args.alias} moves without it")
+    for flag, given in (("--override-gate", args.override_gate), ("--override-pilot", args.override_pilot)):
+        if given and not args.reason.strip():
+            raise registry.RegistryError(f"{flag} needs --reason TEXT: the override is recorded with its reason")
     _configure(params)
-    if args.override_gate and not args.reason.strip():
-        raise registry.RegistryError("--override-gate needs --reason TEXT: the override is recorded with its reason")
+    if args.override_pilot:
+        access.require_manage(args.name, "move champion outside a pilot")
     record = aliases.move_alias(
         args.name,
         args.alias,
@@ -125,14 +144,18 @@ def cmd_promote(args: argparse.Namespace, params: Params) -> int:
         expect=args.expect,
         reason=args.reason or f"promote to {args.alias}",
         override_gate=args.override_gate,
+        note=aliases.PILOT_OVERRIDE if args.override_pilot else "",
     )
     print(f"{args.name}@{record.alias}: {_v(record.from_version)} -> {_v(record.to_version)} (move {record.seq})")
+    if record.note:
+        print(f"  {record.note}")
     return 0
 
 
 def cmd_rollback(args: argparse.Namespace, params: Params) -> int:
     """Put back the previous holder of the alias."""
     _configure(params)
+    access.require_manage(args.name, f"roll back {args.alias}")  # where the server authenticates
     record = aliases.rollback(args.name, args.alias, reason=args.reason)
     print(f"{args.name}@{record.alias}: rolled back {_v(record.from_version)} -> {_v(record.to_version)}")
     return 0
@@ -159,6 +182,7 @@ def cmd_history(args: argparse.Namespace, params: Params) -> int:
         approval = r.approval.get("approver", "yes") if r.approval else ""
         who = f"{r.user}@{r.host}"
         reason = r.reason + (" [gate override]" if r.override else "") + ("" if r.completed else " [not completed]")
+        reason += " [pilot override]" if aliases.PILOT_OVERRIDE in r.note else ""
         rows.append([str(r.seq), r.alias, _v(r.from_version), _v(r.to_version), r.time, who, r.flow_run_id or "-",
                      reason, approval])  # fmt: skip
     print(_table(rows))
@@ -192,6 +216,21 @@ def _model_card(uri: str | None) -> str | None:
         return None
     with tempfile.TemporaryDirectory(prefix="vitops-card-") as work:
         return Path(tracking.download_artifact(uri, Path(work))).read_text(encoding="utf-8")
+
+
+def cmd_verify(args: argparse.Namespace, params: Params) -> int:
+    """Check a version against its manifest; 0 when intact, 1 when a file or record differs."""
+    _configure(params)
+    name, ref = _split_ref(args.ref)
+    try:
+        info, files = artifacts.verify_version(name, ref)
+    except registry.ArtifactCheckError as err:
+        print(f"vitops verify: {args.ref} REFUSED: {err}", file=sys.stderr)
+        return 1
+    digest = info.tags[registry.MANIFEST_TAG]
+    print(f"{name} version {info.version}: all {files} files match its manifest (sha256 {digest[:12]}...), and its "
+          f"records are as registered by {info.tags.get(registry.REGISTERED_BY_TAG, 'unknown')}")  # fmt: skip
+    return 0
 
 
 def _split_ref(text: str) -> tuple[str, str]:

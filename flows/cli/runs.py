@@ -48,19 +48,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_serve)
 
 
-def prefect_settings() -> None:
+def prefect_settings(timeout_s: float = 20.0) -> None:
     """The settings a flow run from the command line needs: a start-up timeout for the first ephemeral API start
-    here, no telemetry. Prefect's INFO lines go to the run page, not the terminal (`vitops` filters its handler)."""
+    here, no telemetry; with `PREFECT_API_URL`, that API answers within `timeout_s` (`VITOPS_CONNECT_TIMEOUT_S`
+    wins) and takes the credentials. Prefect's INFO lines go to the run page, not the terminal (`vitops` filters
+    its handler)."""
     # The ephemeral API migrates its database on the first start of a machine: 20 s is not always enough here.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     # The embedded (ephemeral) API's telemetry heartbeat writes to the SQLite database the flow run is using and
     # prints a "database is locked" traceback when they collide; it also reaches out to the internet.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    api = os.environ.get("PREFECT_API_URL", "")
+    if api:  # a real API: it answers within the limit and takes PREFECT_API_AUTH_STRING, or one clear message
+        from vitops.flows.connection import check_prefect, connect_timeout
+
+        check_prefect(api, connect_timeout(timeout_s))
 
 
 def cmd_retrain(args: argparse.Namespace, params: Params) -> int:
     """Run the retrain flow and print what a user looks at."""
-    prefect_settings()
+    prefect_settings(params.tracking.connect_timeout_s)
     from vitops.flows.retrain import DATA_GATE_FAILED, ENGINE_GATE_FAILED, KPI_GATE_FAILED, SKIPPED, retrain
 
     params_file = str(args.params or DEFAULT_PARAMS)
@@ -106,7 +113,7 @@ def _print_summary(params: Params, state: Any) -> None:
 
 def cmd_drift(args: argparse.Namespace, params: Params) -> int:
     """Run the drift flow once; 0 no drift or no verdict, 1 a strong drift, 2 the retrain could not start."""
-    prefect_settings()
+    prefect_settings(params.tracking.connect_timeout_s)
     from vitops.flows.drift import DRIFT, RETRAIN_NOT_STARTED, drift
 
     state = drift(

@@ -119,6 +119,7 @@ def serve(
         )
         main_pid = os.getpid()
         signal.signal(signal.SIGTERM, lambda signum, frame: _interrupt(main_pid, signum))
+        logging.getLogger("litserve.server").addFilter(_quiet_stop)
         try:
             server.run(
                 host=host,
@@ -145,6 +146,11 @@ def serve(
             if proc.is_alive():
                 proc.kill()
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def _quiet_stop(record: logging.LogRecord) -> bool:
+    """Drop LitServe's warning that an HTTP process it stops has already stopped: a stop signal reaches them first."""
+    return "Already not alive" not in record.getMessage()
 
 
 def _log_settings(params: PredictionLogParams, station: str) -> Any:
