@@ -240,7 +240,6 @@ class ModelKpis:
     top1: float
     latency: Latency
     cost: Cost
-    robustness: dict[str, float] | None = None  # top-1 clean and under each corruption (`deploy.review`)
 
 
 @dataclass
@@ -352,7 +351,7 @@ class GateDecision:
         if self.passed:
             return f"passed: {total} of {total} checks"
         failed = [c for c in self.checks if not c.passed]
-        op = {"accuracy": "<", "class": "<"}
+        op = {"accuracy": "<"}
         parts = [f"{c.kpi} {c.name} {c.value:.6g} {op.get(c.kpi, '>')} {c.threshold:.6g}" for c in failed]
         return f"failed {len(failed)} of {total} checks: " + "; ".join(parts)
 
@@ -406,5 +405,4 @@ def _model_metrics(prefix: str, model: ModelKpis) -> dict[str, float]:
         "monthly_upkeep": cost.monthly_upkeep,
         "monthly_tco": cost.monthly_tco,
     }
-    values |= {f"robust_top1.{k}": v for k, v in (model.robustness or {}).items() if k != "clean"}
     return {f"{prefix}.{k}": float(v) for k, v in values.items()}

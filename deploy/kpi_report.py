@@ -14,7 +14,6 @@ import numpy as np
 
 from vitops.common.files import atomic_write
 from vitops.deploy.kpi import Check, GateDecision, ModelKpis, Uplift
-from vitops.deploy.review import review_rows
 
 _COLUMNS = ["KPI", "candidate", "reference", "threshold", "verdict"]
 _COLOURS = ("tab:blue", "tab:orange")
@@ -47,7 +46,6 @@ def write_report(
     uplift: Uplift | None,
     decision: GateDecision,
     context: dict[str, str],
-    sections: dict[str, str] | None = None,
 ) -> list[Path]:
     """Write the Markdown report `out` and its plots beside it.
 
@@ -72,7 +70,6 @@ def write_report(
         _plot_cost(models, _checks(decision, "cost"), out.parent / "cost.png"),
     ]
     text = _markdown(candidate, reference, uplift, decision, context, images)
-    text += "".join(f"\n## {title}\n\n{body.rstrip()}\n" for title, body in (sections or {}).items())
     atomic_write(out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return [out, *images]
 
@@ -118,7 +115,6 @@ def _kpi_rows(
         ],
         ["serving per 1M images", *both(lambda m: _money(m, m.cost.serving_per_million, 3)), "", ""],
         ["monthly TCO", *both(lambda m: _money(m, m.cost.monthly_tco)), tco_limit, _verdict(cost)],
-        *review_rows(candidate, reference, decision),
     ]
 
 

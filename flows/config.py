@@ -13,7 +13,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from vitops.flows.review_config import ModelCardParams, RobustnessParams, SliceParams
 from vitops.flows.serving_config import DriftParams, EndpointParams, PilotParams, PredictionLogParams, Section
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -131,21 +130,6 @@ class TrainParams(_Section):
     auto_augment: str | None = None
     re_prob: float = Field(0.0, ge=0.0, le=1.0)
     augment_on: Literal["auto", "device", "loader"] = "auto"  # device: in batches on the device; loader: per image
-    rotate_deg: float = Field(0.0, ge=0.0, le=45.0, description="largest rotation, degrees (device only)")
-    blur_prob: float = Field(0.0, ge=0.0, le=1.0, description="share of images blurred (device only)")
-    blur_sigma: float = Field(1.0, gt=0.1, le=10.0, description="largest blur sigma, pixels")
-    noise_std: float = Field(0.0, ge=0.0, le=1.0, description="largest Gaussian noise std, 0..1 scale (device only)")
-    lowres_prob: float = Field(0.0, ge=0.0, le=1.0, description="share resized down and up, nearest (device only)")
-    lowres_min: float = Field(0.25, gt=0.0, le=1.0, description="smallest fraction of the side resized down to")
-    lowres_max: float = Field(1.0, gt=0.0, le=1.0, description="largest fraction of the side resized down to")
-    translate: float = Field(0.0, ge=0.0, le=0.5, description="largest shift, fraction of the side (device only)")
-
-    @model_validator(mode="after")
-    def _lowres_range(self) -> TrainParams:
-        if self.lowres_min > self.lowres_max:
-            raise ValueError(f"lowres_min {self.lowres_min} must be <= lowres_max {self.lowres_max}")
-        return self
-
     decode_cache: Path | None = Path("~/.cache/vitops/decoded")  # decoded sets over 64 MiB; None: in memory only
     teacher: str | None = Field(
         None, description="model to distil from: file:<vitops model folder> or mlflow:models:/<name>@<alias>"
@@ -277,13 +261,6 @@ class GateParams(_Section):
     max_tco_increase: float | None = Field(
         0.10, ge=0.0, description="largest monthly TCO increase over the reference, as a fraction; None = off"
     )
-    max_robustness_drop_points: float | None = Field(
-        5.0, ge=0.0, le=100.0, description="worst corruption's top-1 drop from clean (points); None = off"
-    )
-    max_mean_robustness_drop_points: float | None = Field(
-        2.0, ge=0.0, le=100.0, description="mean drop over the corruption suite (points); None = off"
-    )
-    min_class_top1: float | None = Field(None, ge=0.0, le=1.0, description="worst class's test top-1; None = off")
     report: Path = Path("artifacts/gate/report.md")
 
 
@@ -343,9 +320,6 @@ class Params(_Section):
     bench: BenchParams = Field(default_factory=BenchParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
     gate: GateParams = Field(default_factory=GateParams)
-    robustness: RobustnessParams = Field(default_factory=RobustnessParams)
-    slices: SliceParams = Field(default_factory=SliceParams)
-    model_card: ModelCardParams = Field(default_factory=ModelCardParams)
     retrain: RetrainParams = Field(default_factory=RetrainParams)
     pilot: PilotParams = Field(default_factory=PilotParams)
     endpoint: EndpointParams = Field(default_factory=EndpointParams)

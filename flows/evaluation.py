@@ -15,7 +15,6 @@ from typing import Any
 from vitops.common.files import atomic_write, atomic_write_json, sha256_file
 from vitops.flows import tracking
 from vitops.flows.config import Params
-from vitops.flows.review import ReviewSettings, review
 from vitops.flows.settings import Dataset
 from vitops.flows.tracking import RunContext
 
@@ -25,19 +24,16 @@ PROVENANCE_FILE = "provenance.json"
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """How the test split is read and scored: the data loader's batch size and workers (`train` of params.yaml),
-    the calibration bins (`evaluate.ece_bins`), and the review beside it (`flows.review`: the corruption suite and
-    the slices; None: neither)."""
+    """How the test split is read and scored: the data loader's batch size and workers (`train` of params.yaml)
+    and the calibration bins (`evaluate.ece_bins`)."""
 
     batch_size: int = 64
     workers: int = 0
     ece_bins: int = 15
-    review: ReviewSettings | None = None
 
     @classmethod
     def from_params(cls, params: Params) -> EvalSettings:
-        review = ReviewSettings.from_params(params)
-        return cls(params.train.batch_size, params.train.workers, params.evaluate.ece_bins, review)
+        return cls(params.train.batch_size, params.train.workers, params.evaluate.ece_bins)
 
 
 @dataclass
@@ -88,11 +84,6 @@ def evaluate(
         plot_confusion(matrix, meta.classes, out / "confusion_matrix.png", title=f"{meta.model} on the test split"),
         plot_reliability(probs, labels, out / "reliability.png", bins=settings.ece_bins),
     ]
-    reviewed, review_files = (
-        review(model, meta, dataset, predictions, out, settings.review) if settings.review else ({}, [])
-    )
-    metrics |= reviewed
-    atomic_write_json(out / "metrics.json", metrics)
     run_id = None
     if run is not None:
         run.configure()
@@ -102,7 +93,7 @@ def evaluate(
             f"evaluate-{kind}", run_id=train_run, tags=tags, parent_run_id=run.parent_run_id
         ) as handle:
             handle.log_metrics(metrics)
-            for path in [*plots, out / "metrics.json", out / "confusion.json", predictions, *review_files]:
+            for path in [*plots, out / "metrics.json", out / "confusion.json", predictions]:
                 handle.log_artifact(path, artifact_path="evaluation")
             run_id = handle.run_id
     return EvaluateResult(kind, model_dir, out, metrics, predictions, plots, run_id)

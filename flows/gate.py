@@ -22,7 +22,6 @@ from vitops.common.files import atomic_write_json, sha256_file
 from vitops.flows import registry, tracking
 from vitops.flows.config import BenchParams, GateParams, Params
 from vitops.flows.evaluation import PREDICTIONS_FILE, PROVENANCE_FILE, EvalSettings, predict_split
-from vitops.flows.review import read_robustness, read_slices, review_checks, review_sections, robustness
 from vitops.flows.settings import Dataset, dataset_of, prices_of
 from vitops.flows.tracking import RunContext
 
@@ -178,7 +177,6 @@ def _baseline_reference(inputs: GateInputs, settings: GateSettings) -> tuple[Any
         top1=float(preds["correct"].mean()),
         latency=latency,
         cost=cost_of(train_hours(meta, str(model_dir)), latency.throughput_ips, settings.prices),
-        robustness=read_robustness(inputs.baseline_eval) if _suite(settings) else None,
     )
     return kpis, preds, None
 
@@ -202,7 +200,6 @@ def _champion_reference(inputs: GateInputs, settings: GateSettings, champion: An
     import pandas as pd
 
     preds = pd.DataFrame({"path": paths, "correct": (probs.argmax(axis=1) == labels).astype(int)})
-    suite = robustness(model, meta, inputs.dataset, _suite(s))["top1"] if _suite(s) else None
     engines = sorted(p for p in local.rglob("*.onnx") if p.name != "model.onnx" and Path(f"{p}.json").is_file())
     if engines:
         timed = [
@@ -223,7 +220,6 @@ def _champion_reference(inputs: GateInputs, settings: GateSettings, champion: An
             latency.throughput_ips,
             s.prices,
         ),
-        robustness=suite,
     )
     return kpis, preds, str(champion.version)
 
@@ -271,7 +267,6 @@ def gate(
         top1=float(preds["correct"].mean()),
         latency=latency,
         cost=cost_of(train_hours(meta, str(model_dir)), latency.throughput_ips, prices),
-        robustness=read_robustness(inputs.candidate_eval) if _suite(settings) else None,
     )
     run.configure()
     champion = champion_version(settings.model) if g.reference in ("auto", "champion") else None
@@ -293,13 +288,10 @@ def gate(
         *check_accuracy(uplift, rules, reference.label),
         *check_latency(candidate, rules, reference),
         *check_cost(candidate, reference, rules),
-        *review_checks(candidate, reference, g, read_slices(inputs.candidate_eval), _suite(settings) is not None),
     ]
     _cross_check(checks, uplift, candidate)
     decision = decide(checks)
     table = format_kpi_table(candidate, reference, uplift, decision)
-    report_dir = Path(g.report).parent
-    sections, shown = review_sections(candidate, reference, inputs.candidate_eval, report_dir, _suite(settings))
     context = {
         "model": settings.model,
         "candidate": str(model_dir),
@@ -308,8 +300,7 @@ def gate(
         "git commit": str(meta.extra.get("git_commit")),
         "test images": str(uplift.n),
     }
-    report_files = write_report(Path(g.report), candidate, reference, uplift, decision, context, sections)
-    report_files += shown
+    report_files = write_report(Path(g.report), candidate, reference, uplift, decision, context)
     atomic_write_json(Path(g.report).parent / "kpis.json", kpi_metrics(candidate, reference, uplift))  # DVC metrics
     table_file = Path(g.report).with_suffix(".txt")
     table_file.write_text(table + "\n", encoding="utf-8")
@@ -326,8 +317,6 @@ def gate(
             "weights_sha256": weights_sha,
             "metrics": kpi_metrics(candidate, reference, uplift),
             "kpi_table_markdown": markdown_kpi_table(candidate, reference, uplift, decision),  # for descriptions
-            "review": sections,  # robustness, classes and slices in Markdown: the model card's
-            "slices": read_slices(inputs.candidate_eval),
         },
     )
     run_id = None
@@ -375,10 +364,4 @@ def _cross_check(checks: list[Any], uplift: Any, candidate: Any) -> None:
 
 def _kpis_dict(kpis: Any) -> dict[str, Any]:
     latency = {k: v for k, v in vars(kpis.latency).items() if k != "samples_ms"}
-    out = {"label": kpis.label, "top1": kpis.top1, "latency": latency, "cost": kpis.cost.as_dict()}
-    return out | {"robustness": kpis.robustness}
-
-
-def _suite(settings: GateSettings) -> Any:
-    """The corruption suite's severities, or None when it is off."""
-    return settings.scoring.review.severities if settings.scoring.review is not None else None
+    return {"label": kpis.label, "top1": kpis.top1, "latency": latency, "cost": kpis.cost.as_dict()}

@@ -24,7 +24,6 @@ from typing import Any
 from vitops.common.files import atomic_write_json, utc_now
 from vitops.flows import registry, tracking
 from vitops.flows.config import PilotParams, ValidateParams
-from vitops.flows.review import EXPLAINED_FILE, explain_disagreements
 from vitops.flows.scoring import Answers, accuracy_of, load_classifier, measures_of, model_rows, score
 from vitops.flows.tracking import RunContext
 
@@ -222,16 +221,13 @@ def shadow(
     out.mkdir(parents=True, exist_ok=True)
     predictions = _write_predictions(out / "predictions.csv", batch, answers, served)
     grid = write_grid(out / "disagreements.png", disagreements[: p.grid_images], batch.root)
-    explained = explain_disagreements(models, disagreements[: p.grid_images], batch.root, out / EXPLAINED_FILE)
-    if explained is not None:
-        lines.append(f"\nWhere each model looked on the disagreements shown:\n\n![heatmaps]({explained.name})")
     title = f"Shadow pilot of {versions.name} version {versions.candidate}"
     report = write_report(
         out / "report.md", title, _context(versions, batch, flow_run_id), model_rows(measures), lines, [],
         batch.rejected, disagreements, grid, batch.warnings,
     )  # fmt: skip
     summary["lines"] = lines
-    files = [report, predictions, batch.report_path] + [g for g in (grid, explained) if g]
+    files = [report, predictions, batch.report_path] + ([grid] if grid else [])
     atomic_write_json(out / "summary.json", summary)
     return StageResult(SHADOW, versions, summary, files + [out / "summary.json"])
 

@@ -117,30 +117,14 @@ def shadow_from_log(
     predictions = _write_predictions(out / "predictions.csv", shadow, truth)
     kept = [d | {"path": d["image"]} for d in disagreements if d["image"] and (window.folder / d["image"]).is_file()]
     grid = write_grid(out / "disagreements.png", kept[: p.grid_images], window.folder)
-    explained = _explained(versions, kept[: p.grid_images], window.folder, out, lines)
     title = f"Shadow pilot of {versions.name} version {versions.candidate} on live traffic"
     report = write_report(
         out / "report.md", title, _context(versions, window, flow_run_id), _rows(measures), lines, [], [],
         disagreements, grid, warnings,
     )  # fmt: skip
     atomic_write_json(out / "summary.json", _json_safe(summary))
-    files = [report, predictions, out / "summary.json"] + [g for g in (grid, explained) if g]
+    files = [report, predictions, out / "summary.json"] + ([grid] if grid else [])
     return StageResult(SHADOW, versions, summary, files, "recorded" if len(ok) else "errors")
-
-
-def _explained(versions: Versions, kept: list[dict[str, Any]], folder: Path, out: Path, lines: list[str]) -> Any:
-    """The kept disagreements with a heatmap of each model's answer (`flows.review`), named in the report."""
-    from vitops.flows.review import EXPLAINED_FILE, explain_disagreements
-    from vitops.flows.scoring import load_classifier
-
-    if not kept or versions.champion is None:
-        return None
-    roles = {"champion": versions.champion, "candidate": versions.candidate}
-    models = {role: (v, load_classifier(versions.name, v)) for role, v in roles.items()}
-    explained = explain_disagreements(models, kept, folder, out / EXPLAINED_FILE)
-    if explained is not None:
-        lines.append(f"\nWhere each model looked on the disagreements shown:\n\n![heatmaps]({explained.name})")
-    return explained
 
 
 def canary_from_log(

@@ -93,7 +93,6 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         artifacts = context.artifacts
         verify_files(Path(artifacts["serving"]).parents[1] if "serving" in artifacts else None)
         model_dir = Path(artifacts["model"])
-        self.model_dir = model_dir  # the PyTorch model folder: heatmaps of the pilot's disagreements
         self.meta: dict[str, Any] = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
         serving = json.loads(Path(artifacts["serving"]).read_text(encoding="utf-8")) if "serving" in artifacts else {}
         engines_dir = Path(artifacts["engines"]) if "engines" in artifacts else None

@@ -25,7 +25,6 @@ from vitops.deploy.engine_meta import engine_files
 from vitops.flows import aliases, packaging, records, summaries, tracking
 from vitops.flows.config import Params
 from vitops.flows.gate import DECISION_FILE, GateInputError
-from vitops.flows.model_card import CARD_DIR, CARD_FILE, CardFacts, card_facts
 from vitops.flows.tracking import RunContext
 
 
@@ -52,15 +51,13 @@ class RegisterInputs:
     onnx: Path
     validation_report: Path
     manifest: Path
-    card: CardFacts | None = None  # the model card's text and recipe from params.yaml; None: no card
 
     @classmethod
     def from_params(cls, params: Params) -> RegisterInputs:
         """The inputs where params.yaml has the stages write them."""
         v = params.validate_
         decision = Path(params.gate.report).parent / DECISION_FILE
-        e = params.engine
-        return cls(decision, params.bench.out, e.out_dir, params.export.out, v.report, v.manifest, card_facts(params))
+        return cls(decision, params.bench.out, params.engine.out_dir, params.export.out, v.report, v.manifest)
 
 
 def register(
@@ -152,15 +149,11 @@ def register(
             **{k: tags.get(k, "") for k in ("data_version", "git_commit", "params_hash")},
             "validation": tags.get("validation.summary", ""),
         }
-        if inputs.card is not None:  # logged right after registering, where this link already points
-            links["model card"] = tracking.run_link(handle.run_id, f"{CARD_DIR}/{CARD_FILE}")
         version = packaging.register_version(
             name, handle.run_id, model_dir, Path(inputs.onnx), engines, serving, tags,
             description=summaries.gate_markdown(decision, facts, links),
         )  # fmt: skip
         facts["version"] = version  # the run's description names it
-        if inputs.card is not None:  # the model card, logged with the version and linked from its description
-            _log_card(handle, name, version, decision, facts, inputs, model_dir)
         handle.set_description(summaries.gate_markdown(decision, facts, links))
         handle.set_tags({"registered_model": name, "registered_version": version})
     moved = False
@@ -170,24 +163,6 @@ def register(
         )
         moved = True
     return RegisterResult(name, version, bool(decision["passed"]), moved, handle.run_id, tags, facts, links)
-
-
-def _log_card(
-    handle: Any, name: str, version: str, decision: dict, facts: dict, inputs: RegisterInputs, model_dir: Path
-) -> None:
-    """Write the version's model card, log it with the version's run, and tag the version with it."""
-    import dataclasses
-    import tempfile
-
-    from vitops.flows import registry
-    from vitops.flows.model_card import class_balance, model_card, write_card
-
-    model = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
-    card = dataclasses.replace(inputs.card, model=model)
-    text = model_card(decision, facts, card, class_balance(Path(inputs.manifest)))
-    with tempfile.TemporaryDirectory(prefix="vitops-card-") as work:
-        handle.log_artifact(write_card(Path(work), text), artifact_path=CARD_DIR)
-    registry.set_version_tags(name, version, {"model_card": f"runs:/{handle.run_id}/{CARD_DIR}/{CARD_FILE}"})
 
 
 def _version_run(train_run: str | None, parent_run: str | None) -> Any:

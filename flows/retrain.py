@@ -43,7 +43,6 @@ from vitops.flows.config import (
 from vitops.flows.engines import BuildResult, build
 from vitops.flows.evaluation import EvalSettings, EvaluateResult, evaluate
 from vitops.flows.gate import GateInputs, GateResult, GateSettings, champion_version, gate
-from vitops.flows.model_card import card_facts
 from vitops.flows.records import (
     last_success,
     publish_artifacts,
@@ -229,7 +228,7 @@ def _run(params: Params, params_file: str, force: bool, nproc_per_node: int) -> 
         benched = bench_task(trained, built, params.bench, run)
         gate_inputs = _with_candidate(references, evaluated, benched, dataset)
         gated = gate_task(trained, gate_inputs, GateSettings.from_params(params), run)
-        records = _register_inputs(checked, built, benched, gated, card_facts(params))
+        records = _register_inputs(checked, built, benched, gated)
         registered = register_task(trained, records, name, inputs["params_hash"], run, flow_run_id)
         metrics = json.loads(gated.decision_file.read_text(encoding="utf-8"))["metrics"]
         record_outcome(parent, "passed" if gated.passed else "kpi-gate-failed", registered.version, metrics)
@@ -258,7 +257,7 @@ def _with_candidate(
 
 
 def _register_inputs(
-    checked: ValidateResult, built: BuildResult, benched: BenchOutcome, gated: GateResult, card: Any = None
+    checked: ValidateResult, built: BuildResult, benched: BenchOutcome, gated: GateResult
 ) -> RegisterInputs:
     """What the registration records, from the results of this run's stages."""
     return RegisterInputs(
@@ -268,7 +267,6 @@ def _register_inputs(
         onnx=built.onnx.path,
         validation_report=checked.report_path,
         manifest=checked.manifest_path,
-        card=card,
     )
 
 

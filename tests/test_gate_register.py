@@ -44,14 +44,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, mlflow_server: str) -> Ite
             engine={"out_dir": str(root / "engines"), "calibration_images": 16, "min_int8_top1_agreement": 0.5},
             bench={"warmup": 1, "iters": 10, "large_batch": 4, "out": str(root / "bench" / "latency.json")},
             tracking={"registered_model": MODEL},
-            gate={
-                "report": str(root / "gate" / "report.md"),
-                "min_uplift_points": -100.0,
-                "bootstrap_samples": 500,
-                # one-epoch models: the robustness checks run and are reported, the limits cannot fail them
-                "max_robustness_drop_points": 100.0,
-                "max_mean_robustness_drop_points": 100.0,
-            },
+            gate={"report": str(root / "gate" / "report.md"), "min_uplift_points": -100.0, "bootstrap_samples": 500},
             cost=PRICES,
         )
         p = ["--params", str(params)]
@@ -89,11 +82,6 @@ def test_gate_pass_registers_a_candidate_with_its_kpis(params: Path, tracking: s
     decision = json.loads((report.parent / "decision.json").read_text())
     assert decision["passed"] and decision["reference_kind"] == "baseline"
     assert decision["candidate"]["cost"]["monthly_tco"] > 300.0  # upkeep plus measured training and serving
-    assert "PASS robustness/worst_drop" in out and "PASS robustness/mean_drop" in out and "top-1 under resize" in out
-    assert set(decision["candidate"]["robustness"]) == set(decision["reference"]["robustness"]) >= {"clean", "jpeg"}
-    text = report.read_text()
-    for section in ("## Robustness", "## Classes and slices", "## Misclassified test images", "worst class"):
-        assert section in text, section
 
     assert main(["--params", str(params), "register"]) == 0
     assert "alias candidate -> this version" in capsys.readouterr().out
@@ -105,8 +93,6 @@ def test_gate_pass_registers_a_candidate_with_its_kpis(params: Path, tracking: s
     assert "onnxruntime-int8" in tags["engines"]
     run = client.get_run(version.run_id)
     assert run.data.tags["gate.passed"] == "true" and "kpi.monthly_tco" in run.data.metrics
-    assert "kpi.robust_top1.resize" in run.data.metrics and "reference.robust_top1.resize" in run.data.metrics
-    assert tags["model_card"].endswith("model_card/model_card.md") and "model card" in version.description
 
 
 def test_gate_fail_gets_no_candidate_and_promotion_needs_a_recorded_override(params: Path, tracking: str, capsys):
@@ -152,9 +138,6 @@ def test_gate_fail_gets_no_candidate_and_promotion_needs_a_recorded_override(par
         assert part in lineage
     assert "onnxruntime/int8.onnx  onnxruntime int8-dynamic" in lineage and "sha256 " in lineage
     assert f"champion: none -> v{failed}" in lineage and "[gate override]" in lineage
-    card = lineage.split("model card:", 1)[1]
-    assert f"# Model card: {MODEL} version {failed}" in card and "## Robustness" in card and "## Approvals" in card
-    assert "failed latency/p95_ms" in card  # a known limit: the check it failed
 
 
 def test_the_champion_is_the_next_reference_re_evaluated_today(params: Path, tracking: str, capsys) -> None:

@@ -6,14 +6,8 @@ applied to the whole batch at once:
 - RandomResizedCrop: timm's parameters (area fraction in `scale_min`..1, log-uniform aspect ratio in 3/4..4/3,
   ten tries, then the central crop), one crop per image, and the crop, the resize to the input size and the
   horizontal flip (`hflip`) done by one `grid_sample` over the batch in the model's interpolation;
-- a small rotation (`rotate_deg`: uniform in +-that many degrees) and shift (`translate`: up to that fraction of
-  the side each way), in the same `grid_sample`;
-- the line's camera and resize settings (vitops' own, for the robustness check of the KPI gate,
-  `vit.robustness`): with probability `lowres_prob` a resize down to a fraction `lowres_min`..`lowres_max` of
-  the side and back up with nearest neighbour; with probability `blur_prob` a Gaussian blur of sigma up to `blur_sigma`;
 - colour jitter: brightness, contrast and saturation factors in [1 - s, 1 + s], in a random order per image,
   as torchvision's ColorJitter computes them;
-- Gaussian noise of a standard deviation uniform in 0..`noise_std` (on the 0..1 scale);
 - normalisation with the model's mean and std, then random erasing (`re_prob`: one rectangle of 2-33 % of the
   image, aspect 0.3-3.3, filled with 0), as timm's RandomErasing.
 
@@ -63,14 +57,6 @@ class BatchAugment:
         hflip: horizontal flip probability.
         color_jitter: brightness, contrast and saturation strength; 0 turns it off.
         re_prob: random-erasing probability.
-        rotate_deg: largest rotation, in degrees; 0 turns it off.
-        translate: largest shift, as a fraction of the side, each way; 0 turns it off.
-        blur_prob: share of images blurred.
-        blur_sigma: largest blur sigma, in pixels.
-        noise_std: largest Gaussian noise std on the 0..1 scale; 0 turns it off.
-        lowres_prob: share of images resized down and back up with nearest neighbour.
-        lowres_min: smallest fraction of the side they are resized down to.
-        lowres_max: largest fraction.
     """
 
     ratio = (3 / 4, 4 / 3)
@@ -85,21 +71,10 @@ class BatchAugment:
         hflip: float = 0.0,
         color_jitter: float = 0.0,
         re_prob: float = 0.0,
-        rotate_deg: float = 0.0,
-        blur_prob: float = 0.0,
-        blur_sigma: float = 1.0,
-        noise_std: float = 0.0,
-        lowres_prob: float = 0.0,
-        lowres_min: float = 0.25,
-        lowres_max: float = 1.0,
-        translate: float = 0.0,
     ) -> None:
         self.img_size, self.mode = img_size, _GRID_MODES.get(interpolation, "bicubic")
         self.normalise = Normalise(mean, std)
         self.scale, self.hflip, self.color_jitter, self.re_prob = (scale_min, 1.0), hflip, color_jitter, re_prob
-        self.rotate_deg, self.blur_prob, self.blur_sigma, self.noise_std = rotate_deg, blur_prob, blur_sigma, noise_std
-        self.lowres_prob, self.lowres_min, self.lowres_max = lowres_prob, lowres_min, lowres_max
-        self.translate = translate
 
     def __call__(self, images: torch.Tensor, sizes: torch.Tensor, generator: torch.Generator | None = None):
         """Augment uint8 images (B, 3, S, S), each filling the top-left `sizes[b]` (height, width) of its square.
@@ -119,48 +94,18 @@ class BatchAugment:
         theta[:, 0, 2] = (2 * left + width) / side_w - 1
         theta[:, 1, 1] = sy
         theta[:, 1, 2] = (2 * top + height) / side_h - 1
-        if self.rotate_deg > 0:  # rotate the output grid: the crop's axes turn by the angle
-            angle = (torch.rand(b, generator=generator) * 2 - 1) * math.radians(self.rotate_deg)
-            cos, sin = angle.cos(), angle.sin()
-            rotation = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)
-            theta[:, :, :2] = theta[:, :, :2] @ rotation
-        if self.translate > 0:  # output coordinates span 2: a shift of t x side is 2t
-            theta[:, :, 2] += (torch.rand(b, 2, generator=generator) * 2 - 1) * (2 * self.translate)
         jitter = self._jitter_params(b, generator) if self.color_jitter > 0 else None
         erase = sample_erasing(b, self.img_size, self.re_prob, generator) if self.re_prob > 0 else None
-        camera = self._camera_params(b, generator)
 
         grid = F.affine_grid(theta.to(device, non_blocking=True), [b, 3, self.img_size, self.img_size], False)
         x = F.grid_sample(images.float(), grid, mode=self.mode, padding_mode="border", align_corners=False)
         x = x.clamp_(0, 255).round_()  # what a uint8 resize gives
-        x = _lowres(x, camera["lowres"].to(device))
-        if self.blur_prob > 0:
-            x = _blur(x, camera["sigma"].to(device))
         if jitter is not None:
             x = _color_jitter(x.div_(255), *(t.to(device, non_blocking=True) for t in jitter)).mul_(255)
-        if self.noise_std > 0:
-            x = x.add_(camera["noise"].to(device)).clamp_(0, 255).round_()
         x = self.normalise(x)
         if erase is not None:
             x = x.masked_fill(_box_mask(*(t.to(device, non_blocking=True) for t in erase), self.img_size), 0.0)
         return x
-
-    def _camera_params(self, b: int, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
-        """Per image: the side to resize down to (the full side: none), the blur sigma (0: none), the noise.
-        Nothing is drawn for what is off, so recipes without them draw the same crops as before."""
-        side = self.img_size
-        sides, sigma, noise = torch.full((b,), side, dtype=torch.long), torch.zeros(b), torch.zeros(0)
-        if self.lowres_prob > 0:
-            fraction = self.lowres_min + torch.rand(b, generator=generator) * (self.lowres_max - self.lowres_min)
-            low = torch.rand(b, generator=generator) < self.lowres_prob
-            sides = torch.where(low, (fraction * side).round().clamp(1, side).long(), sides)
-        if self.blur_prob > 0:
-            drawn = 0.1 + torch.rand(b, generator=generator) * max(self.blur_sigma - 0.1, 0.0)
-            sigma = torch.where(torch.rand(b, generator=generator) < self.blur_prob, drawn, sigma)
-        if self.noise_std > 0:
-            std = torch.rand(b, 1, 1, 1, generator=generator) * (255.0 * self.noise_std)
-            noise = torch.randn(b, 3, side, side, generator=generator) * std
-        return {"lowres": sides, "sigma": sigma, "noise": noise}
 
     def _jitter_params(self, b: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.color_jitter
@@ -244,34 +189,6 @@ def _color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -
         saturate = x * s + gray * (1 - s)
         x = torch.where(op == 0, bright, torch.where(op == 1, contrast, saturate)).clamp_(0, 1)
     return x
-
-
-def _lowres(x: torch.Tensor, sides: torch.Tensor) -> torch.Tensor:
-    """Each image resized down to its side in `sides` (antialiased) and back up with nearest neighbour, one
-    interpolation per distinct side; images whose side is the full one are left alone."""
-    full = x.shape[-1]
-    for side in sorted(set(sides.tolist()) - {full}):
-        pick = sides == side
-        down = F.interpolate(x[pick], size=(side, side), mode="bilinear", antialias=True, align_corners=False)
-        x[pick] = F.interpolate(down, size=(full, full), mode="nearest").clamp_(0, 255).round_()
-    return x
-
-
-def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """A separable Gaussian blur of each image with its own sigma (0: unchanged), as one grouped convolution."""
-    if not bool((sigma > 0).any()):
-        return x
-    b, c, h, w = x.shape
-    radius = max(1, math.ceil(3 * float(sigma.max())))
-    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    safe = sigma.clamp(min=1e-3).to(x.dtype)[:, None]
-    kernel = torch.exp(-0.5 * (offsets[None, :] / safe) ** 2)
-    kernel = torch.where((sigma > 0)[:, None], kernel, (offsets == 0).to(x.dtype)[None, :])
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (B * C, K)
-    flat = F.pad(x.reshape(1, b * c, h, w), (radius, radius, radius, radius), mode="replicate")
-    flat = F.conv2d(flat, kernel[:, None, :, None], groups=b * c)
-    flat = F.conv2d(flat, kernel[:, None, None, :], groups=b * c)
-    return flat.reshape(b, c, h, w).round_()
 
 
 def _grayscale(x: torch.Tensor) -> torch.Tensor:

@@ -46,15 +46,6 @@ class AugmentParams:
         re_prob: random-erasing probability.
         augment_on: `device` (whole batches on the training device, `vit.augment`), `loader` (timm's per-image
             transforms in the data loader) or `auto` (device, unless `auto_augment` needs the loader).
-        rotate_deg: largest rotation in degrees (device only); 0 turns it off.
-        blur_prob: share of images blurred with a Gaussian of sigma up to `blur_sigma` pixels (device only).
-        blur_sigma: largest blur sigma.
-        noise_std: largest Gaussian noise std on the 0..1 scale (device only); 0 turns it off.
-        lowres_prob: share of images resized down to `lowres_min`..1 of the side and back up with nearest
-            neighbour, as a line camera or resize setting would (device only).
-        lowres_min: smallest fraction of the side.
-        lowres_max: largest fraction of the side.
-        translate: largest shift as a fraction of the side, each way (device only); 0 turns it off.
     """
 
     scale_min: float = 0.8
@@ -63,18 +54,6 @@ class AugmentParams:
     auto_augment: str | None = None
     re_prob: float = 0.0
     augment_on: str = "auto"
-    rotate_deg: float = 0.0
-    blur_prob: float = 0.0
-    blur_sigma: float = 1.0
-    noise_std: float = 0.0
-    lowres_prob: float = 0.0
-    lowres_min: float = 0.25
-    lowres_max: float = 1.0
-    translate: float = 0.0
-
-    def device_only(self) -> list[str]:
-        """The settings in use that only the batched augmentation on the device has."""
-        return [n for n in ("rotate_deg", "translate", "blur_prob", "noise_std", "lowres_prob") if getattr(self, n) > 0]
 
     def on_device(self) -> bool:
         """Whether the training augmentation runs on the device in batches.
@@ -88,13 +67,7 @@ class AugmentParams:
             raise DataError(
                 f"auto_augment {self.auto_augment!r} runs per image in the loader: set augment_on: loader (or auto)"
             )
-        device = self.augment_on == "device" or (self.augment_on == "auto" and not self.auto_augment)
-        if not device and self.device_only():
-            raise DataError(
-                f"{', '.join(self.device_only())} run only in batches on the device: set them to 0, or use "
-                "augment_on: auto/device without auto_augment"
-            )
-        return device
+        return self.augment_on == "device" or (self.augment_on == "auto" and not self.auto_augment)
 
 
 def class_names(rows: pd.DataFrame, classes: Sequence[str] | None = None) -> list[str]:
@@ -350,8 +323,7 @@ def image_dataset(
         if aug.on_device():
             batch_transform = BatchAugment(
                 meta.img_size, meta.interpolation, meta.mean, meta.std, aug.scale_min, aug.hflip,
-                aug.color_jitter, aug.re_prob, aug.rotate_deg, aug.blur_prob, aug.blur_sigma, aug.noise_std,
-                aug.lowres_prob, aug.lowres_min, aug.lowres_max, aug.translate,
+                aug.color_jitter, aug.re_prob,
             )  # fmt: skip
     else:
         spec = DecodeSpec.for_eval(meta.img_size, meta.interpolation, meta.crop_pct)

@@ -4,9 +4,8 @@ Run `vitops --help`. Every command reads `params.yaml` (or `--params FILE`); the
 override single values from it. Each command group lives in its own module of this package and registers
 itself here: `data` (sample, import, from-log, validate), `train` (pretrain-standin, train, evaluate), `engines`
 (export, build, bench), `registry` (gate, register, promote, rollback, history, lineage, verify), `runs`
-(retrain, drift, serve), `pilot` (pilot, approve), `endpoint` (the line-side inference endpoint), `feedback`
-(import, accuracy) and `explain` (heatmaps). The commands only parse and print; the stage functions they call do
-the work.
+(retrain, drift, serve), `pilot` (pilot, approve), `endpoint` (the line-side inference endpoint) and `feedback` (import,
+accuracy). The commands only parse and print; the stage functions they call do the work.
 
 Exit codes, the same for every command: 0 ok; 1 a gate said no (data gate, parity gate, KPI gate); 2 a usage
 or configuration error, with one message; 3 a crash, with its traceback. `-v` adds debug logging and the
@@ -23,10 +22,10 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from vitops.flows.cli import data, endpoint, engines, explain, feedback, pilot, registry, runs, train
+from vitops.flows.cli import data, endpoint, engines, feedback, pilot, registry, runs, train
 from vitops.flows.config import DEFAULT_PARAMS, ParamsError, load_params
 
-_GROUPS = (data, train, engines, registry, runs, pilot, endpoint, feedback, explain)
+_GROUPS = (data, train, engines, registry, runs, pilot, endpoint, feedback)
 
 EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_CRASH = 0, 1, 2, 3
 

@@ -12,8 +12,7 @@ vitops rollback NAME [--alias champion] [--reason TEXT]
 vitops history NAME [--alias A] [--json] [--migrate]
         every alias move: alias, from, to, when, who, reason, approval
 vitops lineage NAME@ALIAS | NAME/VERSION
-        data version, training run, evaluation, KPI verdict, engines, approvals, alias moves and the model card
-        of one version
+        data version, training run, evaluation, KPI verdict, engines and alias moves of one version
 vitops verify NAME@ALIAS | NAME/VERSION
         download the version afresh and check every file and record against its manifest; exit 1 when one differs
 """
@@ -194,28 +193,11 @@ def cmd_lineage(args: argparse.Namespace, params: Params) -> int:
     _configure(params)
     name, ref = _split_ref(args.ref)
     info = aliases.lineage(name, ref)
-    info["model_card"] = _model_card(info["version"]["tags"].get("model_card"))
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True, default=str))
         return 0
     print(_format_lineage(info))
-    if info["model_card"]:
-        print("\nmodel card:\n")
-        print(info["model_card"].rstrip())
     return 0
-
-
-def _model_card(uri: str | None) -> str | None:
-    """The text of a version's model card (its `model_card` tag names the artifact), or None without one."""
-    import tempfile
-    from pathlib import Path
-
-    from vitops.flows import tracking
-
-    if not uri:
-        return None
-    with tempfile.TemporaryDirectory(prefix="vitops-card-") as work:
-        return Path(tracking.download_artifact(uri, Path(work))).read_text(encoding="utf-8")
 
 
 def cmd_verify(args: argparse.Namespace, params: Params) -> int:
@@ -273,8 +255,6 @@ def _format_lineage(info: dict[str, Any]) -> str:
     for e in info.get("engines", []):
         p50 = f"p50 {e['p50_ms']:.3f} ms" if e.get("p50_ms") is not None else "not timed"
         lines.append(f"  {e.get('file')}  {e.get('target')} {e.get('precision')}  {p50}  sha256 {e.get('sha256')}")
-    approvals = {k.removeprefix("approval."): t for k, t in sorted(tags.items()) if k.startswith("approval.")}
-    lines.append("approvals: " + (", ".join(f"{k} {t}" for k, t in approvals.items()) or "none"))
     onnx = (info.get("serving") or {}).get("onnx")
     if onnx:
         lines.append(f"  {onnx.get('file')}  onnx export  sha256 {onnx.get('sha256')}")

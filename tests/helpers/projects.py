@@ -52,9 +52,7 @@ def make_project(root: Path, model: str, images: int = 60) -> Path:
         "bench": {"warmup": 1, "iters": 10, "large_batch": 4, "out": str(a / "bench" / "latency.json")},
         "tracking": {"registered_model": model, "experiment": model},
         "gate": {"report": str(a / "gate" / "report.md"), "min_uplift_points": -100.0, "bootstrap_samples": 200,
-                 "max_p95_ms": 1000.0, "max_tco_increase": None,
-                 # one-epoch models: the robustness checks run (and are reported) but cannot fail them
-                 "max_robustness_drop_points": 100.0, "max_mean_robustness_drop_points": 100.0},
+                 "max_p95_ms": 1000.0, "max_tco_increase": None},
         "cost": PRICES,
     }  # fmt: skip
     path = root / "params.yaml"
