@@ -96,8 +96,8 @@ def check_mlflow(uri: str, budget_s: float) -> None:
         given = f"as {user!r}" if user else "without credentials"
         raise CredentialsRefused(
             f"{what} refused the request {given} (HTTP 401: {_short(body)}): set MLFLOW_TRACKING_USERNAME and "
-            "MLFLOW_TRACKING_PASSWORD to an MLflow user's name and password (an administrator creates users with "
-            "`vitops access` or MLflow's UI)"
+            "MLFLOW_TRACKING_PASSWORD to an MLflow user's name and password (an administrator creates users in "
+            "MLflow's UI or with mlflow.server.get_app_client('basic-auth', ...).create_user)"
         )
 
 
