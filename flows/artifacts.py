@@ -18,6 +18,8 @@ from vitops.flows.registry import (
     MANIFEST_TAG,
     ArtifactCheckError,
     VersionInfo,
+    edited_reason,
+    edited_tags,
     fetch_version,
     lookup,
     mlflow_client,
@@ -64,14 +66,8 @@ def edited_records(name: str, version: str) -> str | None:
             records = read_manifest(Path(tmp), info.tags[MANIFEST_TAG]).get("records", {})
         except ManifestError as err:
             return str(err)
-    edited = {k: v for k, v in sorted(records.items()) if info.tags.get(k) != v}
-    if not edited:
-        return None
-    key, value = next(iter(edited.items()))
-    return (
-        f"tag {key} is {info.tags.get(key)!r} in the registry, {value!r} in the version's manifest: it was edited "
-        f"after registration ({json.dumps(sorted(edited))})"
-    )
+    edited = edited_tags(records, info.tags)
+    return f"{edited_reason(edited[0], records, info.tags)} ({json.dumps(edited)})" if edited else None
 
 
 def run_tags(run_id: str) -> dict[str, str] | None:

@@ -204,12 +204,9 @@ def check_artifacts(model_dir: Path, tags: dict[str, str]) -> int:
             checked = check_folder(Path(model_dir), manifest)
         except ManifestError as err:
             raise ArtifactCheckError(str(err)) from None
-        for key, value in sorted(manifest.get("records", {}).items()):
-            if tags.get(key) != value:
-                raise ArtifactCheckError(
-                    f"tag {key} is {tags.get(key)!r} in the registry, {value!r} in the version's manifest: it was "
-                    "edited after registration"
-                )
+        records = manifest.get("records", {})
+        if edited := edited_tags(records, tags):
+            raise ArtifactCheckError(edited_reason(edited[0], records, tags))
         return checked
     log.warning("%s has no manifest (registered before vitops wrote one): checked against serving.json", model_dir)
     art = Path(model_dir) / "artifacts"
@@ -233,6 +230,19 @@ def check_artifacts(model_dir: Path, tags: dict[str, str]) -> int:
         if actual != expected:
             raise ArtifactCheckError(f"{rel}: sha256 {actual[:12]}... differs from its record {expected[:12]}...")
     return len(records)
+
+
+def edited_tags(records: dict[str, str], tags: dict[str, str]) -> list[str]:
+    """The keys of the records a version's manifest holds whose tag now says otherwise, sorted."""
+    return sorted(key for key, value in records.items() if tags.get(key) != value)
+
+
+def edited_reason(key: str, records: dict[str, str], tags: dict[str, str]) -> str:
+    """One sentence on an edited record: its tag now, and the value the manifest holds."""
+    return (
+        f"tag {key} is {tags.get(key)!r} in the registry, {records[key]!r} in the version's manifest: it was edited "
+        "after registration"
+    )
 
 
 def load_local_pyfunc(model_dir: Path) -> tuple[Any, Any]:
